@@ -1,0 +1,40 @@
+// Run-time choice of the CPU kernel path: the build compiles every path (with
+// per-function target attributes), the CPU we run on decides which may run.
+#include "pykernels/cpu.h"
+
+namespace pykernels::cpu {
+
+bool simd_path_supported(SimdPath path) {
+  switch (path) {
+    case SimdPath::Scalar:
+      return true;
+#if defined(__x86_64__) || defined(_M_X64)
+    case SimdPath::AVX2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+    case SimdPath::AVX512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+    default:
+      return false;
+  }
+}
+
+SimdPath best_simd_path() {
+  static const SimdPath best = simd_path_supported(SimdPath::AVX512) ? SimdPath::AVX512
+                               : simd_path_supported(SimdPath::AVX2) ? SimdPath::AVX2
+                                                                     : SimdPath::Scalar;
+  return best;
+}
+
+const char* simd_path_name(SimdPath path) {
+  switch (path) {
+    case SimdPath::Scalar: return "scalar";
+    case SimdPath::AVX2: return "avx2";
+    case SimdPath::AVX512: return "avx512";
+  }
+  return "unknown";
+}
+
+}  // namespace pykernels::cpu
