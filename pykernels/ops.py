@@ -52,6 +52,16 @@ def blockwise8_dequantize(q: torch.Tensor, absmax: torch.Tensor, code: torch.Ten
 
 
 # ---- fake (meta) implementations: shapes and dtypes only ----
+# A call mixing a meta tensor with real ones dispatches here, so these check
+# devices too: otherwise such a call would return garbage instead of failing.
+
+def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    (first, t0), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != t0.device:
+            raise ValueError(f"{op}: {first} is on {t0.device} but {name} is on {t.device}; "
+                             "move them to one device")
+
 
 @torch.library.register_fake("pykernels::nf4_quantize")
 def _nf4_quantize_fake(x, blocksize):
@@ -62,20 +72,24 @@ def _nf4_quantize_fake(x, blocksize):
 
 @torch.library.register_fake("pykernels::nf4_dequantize")
 def _nf4_dequantize_fake(packed, absmax, blocksize, shape, dtype):
+    _check_same_device("nf4_dequantize", packed=packed, absmax=absmax)
     return packed.new_empty(shape, dtype=dtype)
 
 
 @torch.library.register_fake("pykernels::nf4_dequantize_into")
 def _nf4_dequantize_into_fake(packed, absmax, blocksize, out):
+    _check_same_device("nf4_dequantize", packed=packed, absmax=absmax, out=out)
     return None
 
 
 @torch.library.register_fake("pykernels::blockwise8_quantize")
 def _blockwise8_quantize_fake(x, code, blocksize):
+    _check_same_device("blockwise8_quantize", x=x, code=code)
     blocks = (x.numel() + blocksize - 1) // blocksize
     return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((blocks,), dtype=torch.float32)
 
 
 @torch.library.register_fake("pykernels::blockwise8_dequantize")
 def _blockwise8_dequantize_fake(q, absmax, code, offset, blocksize):
+    _check_same_device("blockwise8_dequantize", q=q, absmax=absmax, code=code)
     return q.new_empty(q.shape, dtype=torch.float32)

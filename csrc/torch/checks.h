@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
+
 #include "pykernels/common.h"
 #include "pykernels/nf4.h"
 
@@ -57,6 +59,52 @@ inline int64_t check_nf4_state(const char* op, const at::Tensor& packed, const a
   check_numel(op, "packed", packed, nf4_packed_bytes(n), "two 4-bit codes per byte");
   check_numel(op, "absmax", absmax, nf4_num_blocks(n, blocksize), "one per block");
   return n;
+}
+
+// nf4_dequantize_into's arguments, on any device: returns out's element type.
+inline DType check_nf4_dequantize_into(const char* op, const at::Tensor& packed,
+                                       const at::Tensor& absmax, int64_t blocksize,
+                                       const at::Tensor& out) {
+  const DType dtype = float_dtype(op, "out", out.scalar_type());
+  check_nf4_state(op, packed, absmax, blocksize, out.numel());
+  check_same_device(op, packed, "packed", out, "out");
+  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous");
+  return dtype;
+}
+
+// first_bad: the first block of x holding a NaN or an Inf, or -1.
+inline void check_nf4_finite(const char* op, int64_t first_bad, int64_t n, int64_t blocksize) {
+  TORCH_CHECK_VALUE(first_bad < 0, op, ": x holds NaN or Inf (in elements ", first_bad * blocksize,
+                    " to ", std::min(n, (first_bad + 1) * blocksize) - 1,
+                    " of the flattened tensor); NF4 can only store finite weights");
+}
+
+inline void check_code(const char* op, const at::Tensor& code, const at::Tensor& x,
+                       const char* x_name) {
+  check_dtype(op, "code", code, at::kFloat);
+  check_numel(op, "code", code, 256, "an 8-bit code table");
+  check_same_device(op, x, x_name, code, "code");
+}
+
+inline void check_blockwise8_quantize(const char* op, const at::Tensor& x, const at::Tensor& code,
+                                      int64_t blocksize) {
+  check_dtype(op, "x", x, at::kFloat);
+  check_code(op, code, x, "x");
+  check_positive_blocksize(op, blocksize);
+}
+
+// blockwise8_dequantize's arguments; offset may live on any device.
+inline void check_blockwise8_dequantize(const char* op, const at::Tensor& q,
+                                        const at::Tensor& absmax, const at::Tensor& code,
+                                        const at::Tensor& offset, int64_t blocksize) {
+  check_dtype(op, "q", q, at::kByte);
+  check_dtype(op, "absmax", absmax, at::kFloat);
+  check_dtype(op, "offset", offset, at::kFloat);
+  check_numel(op, "offset", offset, 1, "one scalar");
+  check_code(op, code, q, "q");
+  check_same_device(op, q, "q", absmax, "absmax");
+  check_positive_blocksize(op, blocksize);
+  check_numel(op, "absmax", absmax, nf4_num_blocks(q.numel(), blocksize), "one per block");
 }
 
 }  // namespace pykernels::binding

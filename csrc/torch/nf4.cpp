@@ -38,20 +38,15 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& x_in, int6
     while (bad >= 0 && (seen < 0 || bad < seen) && !first_bad.compare_exchange_weak(seen, bad)) {
     }
   });
-  TORCH_CHECK_VALUE(first_bad.load() < 0, op, ": x holds NaN or Inf (in elements ",
-                    first_bad.load() * blocksize, " to ",
-                    std::min(n, (first_bad.load() + 1) * blocksize) - 1,
-                    " of the flattened tensor); NF4 can only store finite weights");
+  check_nf4_finite(op, first_bad.load(), n, blocksize);
   return {packed, absmax};
 }
 
 void nf4_dequantize_into_cpu(const at::Tensor& packed_in, const at::Tensor& absmax_in,
                              int64_t blocksize, const at::Tensor& out) {
   constexpr const char* op = "nf4_dequantize";
-  const DType dtype = float_dtype(op, "out", out.scalar_type());
-  const int64_t n = check_nf4_state(op, packed_in, absmax_in, blocksize, out.numel());
-  check_same_device(op, packed_in, "packed", out, "out");
-  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous");
+  const DType dtype = check_nf4_dequantize_into(op, packed_in, absmax_in, blocksize, out);
+  const int64_t n = out.numel();
   const at::Tensor packed = packed_in.contiguous();
   const at::Tensor absmax = absmax_in.contiguous();
   const cpu::SimdPath path = active_cpu_path();
@@ -72,19 +67,11 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
   return out;
 }
 
-void check_code(const char* op, const at::Tensor& code, const at::Tensor& x, const char* x_name) {
-  check_dtype(op, "code", code, at::kFloat);
-  check_numel(op, "code", code, 256, "an 8-bit code table");
-  check_same_device(op, x, x_name, code, "code");
-}
-
 std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cpu(const at::Tensor& x_in,
                                                            const at::Tensor& code_in,
                                                            int64_t blocksize) {
   constexpr const char* op = "blockwise8_quantize";
-  check_dtype(op, "x", x_in, at::kFloat);
-  check_code(op, code_in, x_in, "x");
-  check_positive_blocksize(op, blocksize);
+  check_blockwise8_quantize(op, x_in, code_in, blocksize);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor code = code_in.contiguous();
   const int64_t n = x.numel();
@@ -104,15 +91,8 @@ at::Tensor blockwise8_dequantize_cpu(const at::Tensor& q_in, const at::Tensor& a
                                      const at::Tensor& code_in, const at::Tensor& offset,
                                      int64_t blocksize) {
   constexpr const char* op = "blockwise8_dequantize";
-  check_dtype(op, "q", q_in, at::kByte);
-  check_dtype(op, "absmax", absmax_in, at::kFloat);
-  check_dtype(op, "offset", offset, at::kFloat);
-  check_numel(op, "offset", offset, 1, "one scalar");
-  check_code(op, code_in, q_in, "q");
-  check_same_device(op, q_in, "q", absmax_in, "absmax");
-  check_positive_blocksize(op, blocksize);
+  check_blockwise8_dequantize(op, q_in, absmax_in, code_in, offset, blocksize);
   const int64_t n = q_in.numel();
-  check_numel(op, "absmax", absmax_in, nf4_num_blocks(n, blocksize), "one per block");
   const at::Tensor q = q_in.contiguous();
   const at::Tensor absmax = absmax_in.contiguous();
   const at::Tensor code = code_in.contiguous();

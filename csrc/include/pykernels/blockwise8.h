@@ -20,29 +20,15 @@ namespace pykernels {
 constexpr int64_t kDoubleQuantBlocksize = 256;
 constexpr int64_t kBlockwise8LutSize = 65536;
 
-PK_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;  // the CPU sources build with -ffp-contract=off
-#endif
-}
-
-PK_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
 PK_HD uint16_t blockwise8_lut_index(float scaled) {
   const float v = scaled < -1.0f ? -1.0f : (scaled > 1.0f ? 1.0f : scaled);
   return uint16_t(add_rn(mul_rn(mul_rn(add_rn(v, 1.0f), 0.5f), 65535.0f), 0.5f));
 }
 
 // Value at the centre of lut bin i.
-PK_HD float blockwise8_lut_value(int64_t i) { return add_rn(-1.0f, (2.0f * float(i)) / 65535.0f); }
+PK_HD float blockwise8_lut_value(int64_t i) {
+  return add_rn(-1.0f, div_rn(2.0f * float(i), 65535.0f));
+}
 
 PK_HD float blockwise8_midpoint(const float* code, int j) {
   return mul_rn(0.5f, add_rn(code[j], code[j + 1]));

@@ -82,6 +82,35 @@ PK_HD uint16_t float_to_f16(float x) {
   return uint16_t(sign | (r >> 13));
 }
 
+PK_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// fp32 arithmetic rounded once per operation, never fused into an FMA nor
+// replaced by an approximation: where the format's bits depend on it (scaling,
+// bnb's LUT index, double-quant decode) host and device use these.
+PK_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;  // the CPU sources build with -ffp-contract=off
+#endif
+}
+
+PK_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+PK_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
 template <DType D> struct Storage;
 template <> struct Storage<DType::F32> { using type = float; };
 template <> struct Storage<DType::F16> { using type = uint16_t; };

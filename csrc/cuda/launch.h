@@ -1,0 +1,23 @@
+// Internal to csrc/cuda: the launch geometry every kernel file shares.
+#pragma once
+#include <cstdint>
+
+#include "pykernels/common.h"
+
+namespace pykernels::cuda {
+
+constexpr int kThreads = 256;  // per CTA
+constexpr int kWarpsPerCta = kThreads / 32;
+constexpr int64_t kMaxCtas = int64_t(1) << 16;  // past this, kernels loop grid-stride
+
+// CTAs for `items` work items, items_per_cta each: at least 1, at most kMaxCtas.
+inline int64_t ctas_for(int64_t items, int64_t items_per_cta) {
+  const int64_t ctas = ceil_div(items, items_per_cta);
+  return ctas < 1 ? 1 : (ctas < kMaxCtas ? ctas : kMaxCtas);
+}
+
+inline bool aligned(const void* p, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+}  // namespace pykernels::cuda
