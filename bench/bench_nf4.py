@@ -126,25 +126,24 @@ def bench_paths(w: torch.Tensor, min_time: float, copy: float) -> list[dict]:
 
 def ratios(rows: list[dict], copy: float) -> list[dict]:
     """The targets, per shape and dtype, from the timed rows."""
-    time_of = {(r["op"], r["impl"], r["shape"], r["dtype"]): r["median_ms"] for r in rows}
+    by_key = {(r["op"], r["impl"], r["shape"], r["dtype"]): r for r in rows}
     out = []
-
-    def ratio(name, shape, dtype, value, target):
-        out.append({"kind": "ratio", "bench": "nf4", "ratio": name, "shape": shape, "dtype": dtype,
-                    "value": value, "target": f">= {target}", "met": value >= target})
-
     for shape, dtype in dict.fromkeys((r["shape"], r["dtype"]) for r in rows):
-        def t(op, impl):
-            return time_of[(op, impl, shape, dtype)]
-        ratio("quantize: bitsandbytes time / pykernels", shape, dtype,
-              t("quantize", "bitsandbytes") / t("quantize", "pykernels"), 50)
-        ratio("dequantize: bitsandbytes time / pykernels", shape, dtype,
-              t("dequantize", "bitsandbytes") / t("dequantize", "pykernels"), 1)
-        into = next(r for r in rows if (r["op"], r["impl"], r["shape"], r["dtype"])
-                    == ("dequantize into", "pykernels", shape, dtype))
-        ratio("dequantize into: pykernels GB/s / copy GB/s", shape, dtype, into["GB/s"] / copy, 0.85)
-        ratio("dequantize into: bitsandbytes C time / pykernels", shape, dtype,
-              t("dequantize into", "bitsandbytes C") / t("dequantize into", "pykernels"), 1)
+        def ms(op, impl):
+            return by_key[(op, impl, shape, dtype)]["median_ms"]
+        into_gbps = by_key[("dequantize into", "pykernels", shape, dtype)]["GB/s"]
+        for name, value, target in (
+            ("quantize: bitsandbytes time / pykernels",
+             ms("quantize", "bitsandbytes") / ms("quantize", "pykernels"), 50),
+            ("dequantize: bitsandbytes time / pykernels",
+             ms("dequantize", "bitsandbytes") / ms("dequantize", "pykernels"), 1),
+            ("dequantize into: pykernels GB/s / copy GB/s", into_gbps / copy, 0.85),
+            ("dequantize into: bitsandbytes C time / pykernels",
+             ms("dequantize into", "bitsandbytes C") / ms("dequantize into", "pykernels"), 1),
+        ):
+            out.append({"kind": "ratio", "bench": "nf4", "ratio": name, "shape": shape,
+                        "dtype": dtype, "value": value, "target": f">= {target}",
+                        "met": value >= target})
     return out
 
 

@@ -1,4 +1,4 @@
-"""Typed public functions over the native ops, and their fake implementations.
+"""NF4 and blockwise-8 ops: typed functions and their fake implementations.
 
 Every op here is a ``torch.library`` op (schema in csrc/torch/schemas.cpp), so it
 works under ``torch.compile(fullgraph=True)``, ``torch.library.opcheck`` and FX.

@@ -1,0 +1,8 @@
+"""Typed public functions over the native ops (``torch.ops.pykernels.*``), one
+module per op family, each with its fake (meta) implementations and autograd
+registration. Schemas live in csrc/torch/schemas.cpp."""
+from .nf4 import (DOUBLE_QUANT_BLOCKSIZE, NF4_DEFAULT_BLOCKSIZE, blockwise8_dequantize,
+                  blockwise8_quantize, nf4_dequantize, nf4_quantize)
+
+__all__ = ["DOUBLE_QUANT_BLOCKSIZE", "NF4_DEFAULT_BLOCKSIZE", "blockwise8_dequantize",
+           "blockwise8_quantize", "nf4_dequantize", "nf4_quantize"]
