@@ -1,6 +1,10 @@
-// Internal to csrc/cuda: the launch geometry every kernel file shares.
+// Internal to csrc/cuda: the launch geometry and dtype dispatch every kernel
+// file shares.
 #pragma once
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
+#include <type_traits>
 
 #include "pykernels/common.h"
 
@@ -18,6 +22,18 @@ inline int64_t ctas_for(int64_t items, int64_t items_per_cta) {
 
 inline bool aligned(const void* p, uintptr_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// f(std::integral_constant<DType, D>) for the run-time dtype: one launcher
+// template instance per element type.
+template <class F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F32: return f(std::integral_constant<DType, DType::F32>{});
+    case DType::F16: return f(std::integral_constant<DType, DType::F16>{});
+    case DType::BF16: return f(std::integral_constant<DType, DType::BF16>{});
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace pykernels::cuda

@@ -73,8 +73,9 @@ __device__ void store_group(typename Storage<D>::type* out, const float (&v)[kGr
   constexpr int kVectors = kGroup * int(sizeof(T)) / 16;
 #pragma unroll
   for (int k = 0; k < kVectors; ++k)
-    reinterpret_cast<uint4*>(out)[k] = make_uint4(output_word<D>(s, 4 * k), output_word<D>(s, 4 * k + 1),
-                                                  output_word<D>(s, 4 * k + 2), output_word<D>(s, 4 * k + 3));
+    reinterpret_cast<uint4*>(out)[k] =
+        make_uint4(output_word<D>(s, 4 * k), output_word<D>(s, 4 * k + 1),
+                   output_word<D>(s, 4 * k + 2), output_word<D>(s, 4 * k + 3));
 }
 
 // ---- kernels ----
@@ -201,27 +202,22 @@ cudaError_t launch_dequantize(const uint8_t* packed, const float* absmax, int64_
 
 cudaError_t nf4_quantize(DType dtype, const void* x, int64_t n, int64_t blocksize,
                          uint8_t* packed, float* absmax, int64_t* first_bad, cudaStream_t stream) {
-  if (!nf4_valid_blocksize(blocksize) || n < 0 || !aligned(packed, 4)) return cudaErrorInvalidValue;
+  if (!nf4_valid_blocksize(blocksize) || n < 0 || !aligned(packed, 4))
+    return cudaErrorInvalidValue;
   const cudaError_t err = cudaMemsetAsync(first_bad, 0xff, sizeof(int64_t), stream);
   if (err != cudaSuccess || n == 0) return err;
-  switch (dtype) {
-    case DType::F32: return launch_quantize<DType::F32>(x, n, blocksize, packed, absmax, first_bad, stream);
-    case DType::F16: return launch_quantize<DType::F16>(x, n, blocksize, packed, absmax, first_bad, stream);
-    case DType::BF16: return launch_quantize<DType::BF16>(x, n, blocksize, packed, absmax, first_bad, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto d) {
+    return launch_quantize<decltype(d)::value>(x, n, blocksize, packed, absmax, first_bad, stream);
+  });
 }
 
 cudaError_t nf4_dequantize(DType dtype, const uint8_t* packed, const float* absmax, int64_t n,
                            int64_t blocksize, void* out, cudaStream_t stream) {
   if (!nf4_valid_blocksize(blocksize) || n < 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::F32: return launch_dequantize<DType::F32>(packed, absmax, n, blocksize, out, stream);
-    case DType::F16: return launch_dequantize<DType::F16>(packed, absmax, n, blocksize, out, stream);
-    case DType::BF16: return launch_dequantize<DType::BF16>(packed, absmax, n, blocksize, out, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto d) {
+    return launch_dequantize<decltype(d)::value>(packed, absmax, n, blocksize, out, stream);
+  });
 }
 
 }  // namespace pykernels::cuda
