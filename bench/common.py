@@ -13,6 +13,7 @@ import argparse
 import csv
 import functools
 import gc
+import importlib
 import json
 import logging
 import os
@@ -22,6 +23,12 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# numpy's OpenBLAS starts a thread that spins on one of the 2 cores for a while
+# after import; every 2-thread OpenMP region then waits a scheduler tick for its
+# second thread (bitsandbytes' 1024x1024 dequantize: 8.0 ms instead of 0.21 ms).
+# Nothing timed here uses numpy's BLAS. Set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # The peers log import-time warnings (optional kernels, CUDA-only libraries, a
 # pytree deprecation) that say nothing about CPU timings.
@@ -44,34 +51,53 @@ class Timing:
     median_s: float
     iqr_s: float
     runs: int
+    min_s: float | None = None  # the best call: what the machine can do when nothing else runs
 
     def fields(self) -> dict:
-        return {"median_ms": self.median_s * 1e3, "iqr_ms": self.iqr_s * 1e3, "runs": self.runs}
+        fields = {"median_ms": self.median_s * 1e3, "iqr_ms": self.iqr_s * 1e3}
+        if self.min_s is not None:
+            fields["min_ms"] = self.min_s * 1e3
+        return {**fields, "runs": self.runs}
 
 
-def measure(fn, min_time: float = 0.5) -> Timing:
-    """Median and interquartile range of single calls of ``fn``, after one warm-up call.
+def measure(fns: dict, min_time: float = 0.5, clock=time.perf_counter) -> dict[str, Timing]:
+    """Median, interquartile range and minimum of single calls of each of ``fns``.
 
-    Runs until ``min_time`` seconds and 3 calls are spent; a call over 1 s stops
-    at 2 (bitsandbytes' quantize_4bit takes ~5 s at 8192x8192). A perf_counter
-    loop rather than torch.utils.benchmark.Timer: that one runs on one thread
-    unless told otherwise and groups fast calls into blocks, while every op timed
-    here takes over 0.1 ms, so timing calls one by one costs nothing and keeps
-    the call count predictable. gc is off while timing, as timeit does.
+    The calls are interleaved (one of each per round), so every side gets the same
+    share of whatever else runs on this shared machine: while a concurrent build
+    holds a core, a 2-thread region waits for a scheduler tick, and a 0.3 ms call
+    takes 8 ms. After one warm-up call each, a function is called until it has
+    spent ``min_time`` seconds in 3 calls or more; a call over 1 s stops at 2
+    (bitsandbytes' quantize_4bit takes ~5 s at 8192x8192). A perf_counter loop
+    rather than torch.utils.benchmark.Timer, which runs one thread unless told
+    otherwise and times blocks of calls, not interleaved ones; every call timed
+    here takes over 10 us, so the clock's overhead is noise. gc is off while
+    timing, as in timeit. ``clock=time.thread_time`` times CPU time instead: with
+    one torch thread, what a call costs whatever else holds the cores.
     """
-    fn()
+    for fn in fns.values():
+        fn()
     gc.collect()
+    times = {name: [] for name in fns}
+
+    def wants_more(t: list) -> bool:
+        return len(t) < 2 or (len(t) < 3 and t[0] < 1.0) or sum(t) < min_time
+
     gc.disable()
-    times = []
     try:
-        while len(times) < 2 or (len(times) < 3 and times[0] < 1.0) or sum(times) < min_time:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+        while any(wants_more(t) for t in times.values()):
+            for name, fn in fns.items():
+                if wants_more(times[name]):
+                    start = clock()
+                    fn()
+                    times[name].append(clock() - start)
     finally:
         gc.enable()
-    q1, _, q3 = statistics.quantiles(times, n=4)
-    return Timing(statistics.median(times), q3 - q1, len(times))
+    result = {}
+    for name, t in times.items():
+        q1, _, q3 = statistics.quantiles(t, n=4)
+        result[name] = Timing(statistics.median(t), q3 - q1, len(t), min(t))
+    return result
 
 
 # ---- the machine ----
@@ -83,7 +109,7 @@ def copy_bandwidth(nbytes: int) -> tuple[Timing, float]:
     """
     src = torch.ones(nbytes // 4)
     dst = torch.zeros_like(src)
-    t = measure(lambda: dst.copy_(src))
+    t = measure({"copy": lambda: dst.copy_(src)})["copy"]
     return t, 2 * nbytes / t.median_s / 1e9
 
 
@@ -92,7 +118,7 @@ def gemm_peak(n: int, dtype: torch.dtype) -> tuple[Timing, float]:
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     c = torch.empty(n, n, dtype=dtype)
-    t = measure(lambda: torch.mm(a, b, out=c))
+    t = measure({"mm": lambda: torch.mm(a, b, out=c)})["mm"]
     return t, 2 * n**3 / t.median_s / 1e9
 
 
@@ -112,10 +138,6 @@ def machine_limits(quick: bool) -> tuple[dict, ...]:
         rows.append({"kind": "limit", "limit": f"GEMM {dtype_name(dtype)}", "size": f"{gemm_n}^3",
                      **t.fields(), "value": gflops, "unit": "GFLOP/s"})
     return tuple(rows)
-
-
-def copy_gbps(quick: bool) -> float:
-    return machine_limits(quick)[0]["value"]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -208,8 +230,12 @@ def write_results(rows: list[dict], machine: dict, out_dir: Path, name: str) -> 
     return [json_path, csv_path]
 
 
-def main(modules: dict, argv=None) -> None:
-    """Parses ``[bench ...] [--quick] [--out DIR]`` and runs the named bench modules."""
+def main(modules: dict[str, str], argv=None) -> None:
+    """Parses ``[bench ...] [--quick] [--out DIR]`` and runs the named benches.
+
+    ``modules`` maps a bench name to its module's import name; only the benches
+    run are imported, so one whose peers are missing here stops no other.
+    """
     parser = argparse.ArgumentParser(description="pykernels benchmarks, peers side by side.")
     parser.add_argument("benches", nargs="*", metavar="bench",
                         help=f"which to run (default: all of {', '.join(modules)})")
@@ -224,16 +250,22 @@ def main(modules: dict, argv=None) -> None:
     start = time.perf_counter()
     machine = machine_info()
     print(", ".join(f"{k}={v}" for k, v in machine.items()))
+    benches = {name: importlib.import_module(modules[name]) for name in names}
     rows = list(machine_limits(args.quick))
-    for name in names:
-        rows += modules[name].run(args)
+    for bench in benches.values():
+        rows += bench.run(args)
     machine["load_avg_1min_end"] = os.getloadavg()[0]
     machine["wall_s"] = round(time.perf_counter() - start, 1)
 
     print_table(rows)
-    paths = write_results(rows, machine, args.out, "_".join(names) + ("_quick" if args.quick else ""))
-    for name in names:
-        plot = getattr(modules[name], "plot", None)
+    if max(machine["load_avg_1min"], machine["load_avg_1min_end"]) > 0.5:
+        print(f"\nnote: other processes were running (load {machine['load_avg_1min']:.1f} at the start,"
+              f" {machine['load_avg_1min_end']:.1f} at the end): medians include waits for a core;"
+              " min_ms and 'value (min)' show what the code does alone")
+    name = "_".join(args.benches) if args.benches else "all"
+    paths = write_results(rows, machine, args.out, name + ("_quick" if args.quick else ""))
+    for bench in benches.values():
+        plot = getattr(bench, "plot", None)
         if plot is not None:
             paths.append(plot(rows, args.out))
     print(f"\n{machine['wall_s']} s; wrote " + ", ".join(str(p) for p in paths))

@@ -109,3 +109,45 @@ def nf4_double_quantize(absmax: torch.Tensor):
     code = dynamic_code()
     q, absmax2 = blockwise8_quantize(absmax - offset, code)
     return q, absmax2, code, offset
+
+
+# ---- NF4 linear ----
+
+def nf4_weight(weight, dtype=torch.float32) -> torch.Tensor:
+    """The dense weight an NF4Tensor holds (plain or double-quantized absmax), in ``dtype``."""
+    absmax = weight.absmax
+    if weight.absmax_scale is not None:
+        absmax = blockwise8_dequantize(absmax, weight.absmax_scale, weight.absmax_code,
+                                       weight.absmax_offset)
+    return nf4_dequantize(weight.packed, absmax, weight.shape, dtype, weight.blocksize)
+
+
+def nf4_linear(x: torch.Tensor, weight, bias=None) -> torch.Tensor:
+    """y = x·Wᵀ (+ bias) in fp32, W the decoded NF4Tensor ``weight`` [out, in]."""
+    return torch.nn.functional.linear(x.float(), nf4_weight(weight),
+                                      None if bias is None else bias.float())
+
+
+def nf4_linear_grad_input(grad_out: torch.Tensor, weight) -> torch.Tensor:
+    """grad_out·W in fp32: the gradient of nf4_linear with respect to x."""
+    return grad_out.float() @ nf4_weight(weight)
+
+
+# ---- LoRA ----
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias, lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scale: float, mask=None) -> torch.Tensor:
+    """x·Wᵀ + b + scale·((x·mask)·Aᵀ)·Bᵀ, in peft's order of operations and in the
+    inputs' dtype: pass fp32 tensors for the spec, low-precision ones for the
+    "reference run in that dtype" of the tolerance rule. ``mask`` is the dropout
+    multiplier (0 or 1/(1-p), x's shape; ops.lora_dropout_mask gives the kernels'
+    one), None for no dropout. Differentiable by autograd."""
+    dropped = x if mask is None else x * mask.to(x.dtype)
+    base = torch.nn.functional.linear(x, weight, bias)
+    return base + torch.nn.functional.linear(torch.nn.functional.linear(dropped, lora_A), lora_B) * scale
+
+
+def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """W + scale·B·A computed in fp32, rounded once to W's dtype."""
+    return (weight.float() + scale * (lora_B.float() @ lora_A.float())).to(weight.dtype)

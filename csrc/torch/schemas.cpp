@@ -15,4 +15,47 @@ TORCH_LIBRARY(pykernels, m) {
   m.def(
       "blockwise8_dequantize(Tensor q, Tensor absmax, Tensor code, Tensor offset, int blocksize) "
       "-> Tensor");
+
+  // ---- NF4 linear (nf4_linear.cpp) ----
+  // y = x·Wᵀ (+ bias) and its input gradient dx = grad_out·W, W [out_features,
+  // in_features] stored as NF4 and never decoded whole. absmax is fp32, or uint8
+  // codes with absmax_scale, absmax_code and absmax_offset (double quantization).
+  m.def(
+      "nf4_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, int out_features, "
+      "Tensor? bias=None, Tensor? absmax_scale=None, Tensor? absmax_code=None, "
+      "Tensor? absmax_offset=None) -> Tensor");
+  m.def(
+      "nf4_linear_grad_input(Tensor grad_out, Tensor packed, Tensor absmax, int blocksize, "
+      "int in_features, Tensor? absmax_scale=None, Tensor? absmax_code=None, "
+      "Tensor? absmax_offset=None) -> Tensor");
+
+  // ---- LoRA (lora.cpp; math in csrc/cpu/lora.cpp, dropout hash in pykernels/dropout.h) ----
+  // y = x·Wᵀ + b + scale·(drop(x)·Aᵀ)·Bᵀ with lora_A [r, in], lora_B [out, r]; dropout
+  // drops x before A only, its mask a hash of (seed, row, column), seed one int64 on
+  // the CPU. Also returns xa = drop(x)·Aᵀ [..., r], what the backward needs of the
+  // forward. weight and bias are frozen: the backward gives no gradient for them.
+  m.def(
+      "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "float scale, float dropout_p, Tensor seed) -> (Tensor out, Tensor xa)");
+  m.def(
+      "lora_linear_backward(Tensor grad_out, Tensor? grad_xa, Tensor x, Tensor weight, "
+      "Tensor lora_A, Tensor lora_B, Tensor xa, float scale, float dropout_p, Tensor seed, "
+      "bool need_grad_x) -> (Tensor? grad_x, Tensor grad_A, Tensor grad_B)");
+  // weight += scale·lora_B·lora_A in place, summed in fp32 and rounded once; scale -s unmerges.
+  m.def("lora_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale) -> ()");
+  // The keep mask (bool [rows, cols], on the CPU) lora_linear draws for this seed and p.
+  m.def("lora_dropout_mask(Tensor seed, int rows, int cols, float p) -> Tensor");
+
+  // ---- QLoRA (qlora.cpp): LoRA over an NF4 base, the base as in nf4_linear ----
+  m.def(
+      "qlora_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, int out_features, "
+      "Tensor? bias, Tensor? absmax_scale, Tensor? absmax_code, Tensor? absmax_offset, "
+      "Tensor lora_A, Tensor lora_B, float scale, float dropout_p, Tensor seed) "
+      "-> (Tensor out, Tensor xa)");
+  m.def(
+      "qlora_linear_backward(Tensor grad_out, Tensor? grad_xa, Tensor x, Tensor packed, "
+      "Tensor absmax, int blocksize, Tensor? absmax_scale, Tensor? absmax_code, "
+      "Tensor? absmax_offset, Tensor lora_A, Tensor lora_B, Tensor xa, float scale, "
+      "float dropout_p, Tensor seed, bool need_grad_x) "
+      "-> (Tensor? grad_x, Tensor grad_A, Tensor grad_B)");
 }

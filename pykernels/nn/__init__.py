@@ -1,1 +1,10 @@
 """Drop-in nn.Module layers built on pykernels ops."""
+from .nf4 import NF4Linear
+
+__all__ = ["NF4Linear"]
+from .lora import LoRALinear
+
+__all__ += ["LoRALinear"]
+from .qlora import QLoRALinear
+
+__all__ += ["QLoRALinear"]

@@ -6,3 +6,12 @@ from .nf4 import (DOUBLE_QUANT_BLOCKSIZE, NF4_DEFAULT_BLOCKSIZE, blockwise8_dequ
 
 __all__ = ["DOUBLE_QUANT_BLOCKSIZE", "NF4_DEFAULT_BLOCKSIZE", "blockwise8_dequantize",
            "blockwise8_quantize", "nf4_dequantize", "nf4_quantize"]
+from .nf4_linear import nf4_linear, nf4_linear_grad_input
+
+__all__ += ["nf4_linear", "nf4_linear_grad_input"]
+from .lora import lora_dropout_mask, lora_linear, lora_merge_
+
+__all__ += ["lora_dropout_mask", "lora_linear", "lora_merge_"]
+from .qlora import qlora_linear
+
+__all__ += ["qlora_linear"]

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "pykernels/common.h"
+#include "pykernels/dropout.h"
 
 namespace pykernels::cpu {
 
@@ -36,5 +37,80 @@ void blockwise8_quantize(const float* x, int64_t n, int64_t blocksize, const uin
 void blockwise8_dequantize(const uint8_t* q, const float* absmax, const float* code,
                            float offset, int64_t n, int64_t blocksize, int64_t block_begin,
                            int64_t block_end, float* out);
+
+// ---- NF4 linear: y = x·Wᵀ and dx = dy·W with W [rows, cols] stored as NF4 ----
+// The kernels read the packed codes directly; none materializes a dense W.
+//
+// W as the kernels see it: the packed codes of the flattened row-major matrix
+// and one absmax per block of `blocksize` elements, either fp32 (`absmax`) or
+// double-quantized (`absmax_q`: 8-bit codes decoded as
+// blockwise8_decode(absmax_code, absmax_q[b], absmax_scale[b / 256], absmax_offset),
+// see blockwise8.h). Exactly one of absmax, absmax_q is set. Blocks run over the
+// flattened matrix, so one may span two rows when cols % blocksize != 0.
+struct NF4Matrix {
+  const uint8_t* packed = nullptr;
+  const float* absmax = nullptr;
+  const uint8_t* absmax_q = nullptr;
+  const float* absmax_scale = nullptr;
+  const float* absmax_code = nullptr;
+  float absmax_offset = 0.0f;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t blocksize = 64;
+};
+
+// fp32 absmax of blocks [block_begin, block_end) of w into out.
+void nf4_decode_absmax(const NF4Matrix& w, int64_t block_begin, int64_t block_end, float* out);
+
+// W[row_begin:row_end, col_begin:col_end] decoded into out (row-major, dtype),
+// the same values nf4_dequantize gives: the tile a matmul library multiplies.
+void nf4_dequantize_tile(SimdPath path, DType dtype, const NF4Matrix& w, int64_t row_begin,
+                         int64_t row_end, int64_t col_begin, int64_t col_end, void* out);
+
+// Fused dequantize + matrix-vector product for few tokens, accumulating in fp32.
+// x [tokens, cols] is first rearranged once per call by nf4_matvec_pack_x into
+// fp32 chunks of 32 columns, the 16 even columns first, then the 16 odd ones:
+// the order the packed nibbles decode in. When cols is odd, rows alternate
+// between starting on a high and a low nibble, and a second copy of x starting
+// at column 1 serves the rows that start on a low nibble.
+int64_t nf4_matvec_x_size(int64_t tokens, int64_t cols);  // floats
+void nf4_matvec_pack_x(DType dtype, const void* x, int64_t tokens, int64_t cols, float* x_packed);
+// y[t, j] = sum_i x[t, i] W[j, i] (+ bias[j]) for rows j in [row_begin, row_end);
+// y is [tokens, w.rows] and bias (nullable) [w.rows], both in dtype.
+void nf4_matvec(SimdPath path, DType dtype, const NF4Matrix& w, const float* x_packed,
+                int64_t tokens, int64_t row_begin, int64_t row_end, const void* bias, void* y);
+// dx[t, i] = sum_j dy[t, j] W[j, i] for columns i in [col_begin, col_end).
+// dy_t is fp32 [w.rows, tokens] (dy transposed); dx is [tokens, w.cols] in dtype.
+void nf4_matvec_t(SimdPath path, DType dtype, const NF4Matrix& w, const float* dy_t,
+                  int64_t tokens, int64_t col_begin, int64_t col_end, void* dx);
+
+// ---- LoRA (math: csrc/cpu/lora.cpp; dropout mask: pykernels/dropout.h) ----
+// Row-major contiguous buffers: x [rows, cols], a (lora_A) [rank, cols] and every
+// out in dtype; g [rows, rank] in fp32. drop(x)[t, i] = x[t, i] * d.scale where
+// dropout_keep(d, t, i), else 0, computed on the fly and never stored. Every
+// path gives the same bits whatever the range split (see lora.cpp).
+
+// out[t, k] = sum_i drop(x)[t, i] * a[k, i] (xa = drop(x) A^T), rows [row_begin, row_end).
+void lora_x_at(SimdPath path, DType dtype, const void* x, const void* a, int64_t cols,
+               int64_t rank, const Dropout& d, int64_t row_begin, int64_t row_end, void* out);
+
+// out[k, i] = sum_t g[t, k] * drop(x)[t, i] over all rows (dA = dxa^T drop(x)), for the
+// columns [col_begin, col_end) of out [rank, cols].
+void lora_gt_x(SimdPath path, DType dtype, const float* g, const void* x, int64_t rows,
+               int64_t cols, int64_t rank, const Dropout& d, int64_t col_begin, int64_t col_end,
+               void* out);
+
+// out[t, i] += scale * sum_k g[t, k] * a[k, i] where dropout_keep(d, t, i) (every element
+// when d is inactive), the sum in fp32 and rounded once, rows [row_begin, row_end) of
+// out [rows, cols]. dx += drop'(dxa A) with scale = d.scale; merge W += s B A with
+// d inactive and scale = s (unmerge: -s, which undoes the same fp32 delta).
+void lora_add_g_a(SimdPath path, DType dtype, const float* g, const void* a, int64_t cols,
+                  int64_t rank, float scale, const Dropout& d, int64_t row_begin,
+                  int64_t row_end, void* out);
+
+// keep[(t - row_begin) * cols + i] = 1 if element (t, i) is kept, else 0. Scalar: for
+// tests and the ops' float64 path.
+void dropout_keep_mask(const Dropout& d, int64_t cols, int64_t row_begin, int64_t row_end,
+                       uint8_t* keep);
 
 }  // namespace pykernels::cpu

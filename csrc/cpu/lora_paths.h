@@ -1,0 +1,81 @@
+// Internal to csrc/cpu: the per-instruction-set LoRA kernels behind the
+// dispatcher in lora.cpp, and the few rules every path shares so that all give
+// the same bits. All take the same arguments as pykernels::cpu::lora_* in cpu.h.
+#pragma once
+#include <stdexcept>
+
+#include "pykernels/cpu.h"
+
+namespace pykernels::cpu {
+
+template <DType D> using Elem = typename Storage<D>::type;
+
+// Each takes fp32 scratch of lora_x_at_scratch / lora_gt_x_scratch floats,
+// allocated by the dispatcher (lora.cpp) so the SIMD files use no std containers.
+#define PK_LORA_PATH(suffix)                                                                   \
+  void lora_x_at_##suffix(DType dtype, const void* x, const void* a, int64_t cols,             \
+                          int64_t rank, const Dropout& d, int64_t row_begin, int64_t row_end,  \
+                          void* out, float* scratch);                                          \
+  void lora_gt_x_##suffix(DType dtype, const float* g, const void* x, int64_t rows,            \
+                          int64_t cols, int64_t rank, const Dropout& d, int64_t col_begin,     \
+                          int64_t col_end, void* out, float* scratch);                         \
+  void lora_add_g_a_##suffix(DType dtype, const float* g, const void* a, int64_t cols,         \
+                             int64_t rank, float scale, const Dropout& d, int64_t row_begin,   \
+                             int64_t row_end, void* out);
+PK_LORA_PATH(scalar)
+PK_LORA_PATH(avx2)
+PK_LORA_PATH(avx512)
+#undef PK_LORA_PATH
+
+// Runs `call` with E (the element type) and D (the DType) bound to dtype's.
+#define PK_LORA_DTYPE_SWITCH(name, call)                     \
+  switch (dtype) {                                           \
+    case DType::F32: {                                       \
+      using E = float;                                       \
+      constexpr DType D = DType::F32;                        \
+      call;                                                  \
+      return;                                                \
+    }                                                        \
+    case DType::F16: {                                       \
+      using E = uint16_t;                                    \
+      constexpr DType D = DType::F16;                        \
+      call;                                                  \
+      return;                                                \
+    }                                                        \
+    case DType::BF16: {                                      \
+      using E = uint16_t;                                    \
+      constexpr DType D = DType::BF16;                       \
+      call;                                                  \
+      return;                                                \
+    }                                                        \
+  }                                                          \
+  throw std::invalid_argument(name ": unknown dtype")
+
+// lora_x_at's dot products keep 16 fp32 partial sums on every path: element i
+// of a row accumulates (fused multiply-add, i ascending) into partial i % 16,
+// and the partials are reduced in this one pairwise order.
+constexpr int64_t kLoraLanes = 16;
+
+constexpr int64_t lora_min(int64_t a, int64_t b) { return a < b ? a : b; }
+constexpr int64_t lora_round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Scratch: x_at keeps 16 partial sums per (row, rank) of a tile of up to
+// kLoraMaxTileRows rows; gt_x keeps fp32 sums [rank, width] for its column
+// range, each row padded to a whole number of kLoraMaxTileCols-column tiles.
+constexpr int64_t kLoraMaxTileRows = 8;
+constexpr int64_t kLoraMaxTileCols = 64;
+constexpr int64_t lora_x_at_scratch(int64_t rank) { return kLoraMaxTileRows * rank * kLoraLanes; }
+constexpr int64_t lora_gt_x_stride(int64_t col_begin, int64_t col_end) {
+  return lora_round_up(col_end - col_begin, kLoraMaxTileCols);
+}
+constexpr int64_t lora_gt_x_scratch(int64_t rank, int64_t col_begin, int64_t col_end) {
+  return rank * lora_gt_x_stride(col_begin, col_end);
+}
+
+inline float lora_reduce_lanes(float* lanes) {
+  for (int64_t width = kLoraLanes / 2; width >= 1; width /= 2)
+    for (int64_t j = 0; j < width; ++j) lanes[j] = lanes[j] + lanes[j + width];
+  return lanes[0];
+}
+
+}  // namespace pykernels::cpu

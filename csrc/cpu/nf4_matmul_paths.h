@@ -1,0 +1,88 @@
+// Internal to csrc/cpu: what the NF4 linear kernels (nf4_matmul*.cpp) share.
+//
+// x_packed layout (nf4_matvec_pack_x): per copy, per token, padded_cols(cols)
+// floats; column r of a copy sits at chunk_position(r): chunks of 32 columns,
+// the 16 even columns first, then the 16 odd ones. Copy 0 starts at column 0,
+// copy 1 (only when cols is odd) at column 1. The transposed kernel keeps its
+// accumulators in the same layout.
+#pragma once
+#include <vector>
+
+#include "pykernels/cpu.h"
+#include "pykernels/nf4.h"
+
+namespace pykernels::cpu {
+
+constexpr int64_t kChunk = 32;  // columns per chunk: 16 packed bytes
+
+inline int64_t chunk_position(int64_t r) {
+  return (r & ~int64_t(31)) | ((r & 1) << 4) | ((r & 31) >> 1);
+}
+inline int64_t padded_cols(int64_t cols) { return ceil_div(cols, kChunk) * kChunk; }
+inline int64_t x_copies(int64_t cols) { return 1 + (cols & 1); }
+
+inline float load_value(DType dtype, const void* p, int64_t i) {
+  switch (dtype) {
+    case DType::F16: return load_as_float<DType::F16>(static_cast<const uint16_t*>(p), i);
+    case DType::BF16: return load_as_float<DType::BF16>(static_cast<const uint16_t*>(p), i);
+    case DType::F32: break;
+  }
+  return static_cast<const float*>(p)[i];
+}
+
+inline void store_value(DType dtype, void* p, int64_t i, float v) {
+  switch (dtype) {
+    case DType::F16: return store_from_float<DType::F16>(static_cast<uint16_t*>(p), i, v);
+    case DType::BF16: return store_from_float<DType::BF16>(static_cast<uint16_t*>(p), i, v);
+    case DType::F32: break;
+  }
+  static_cast<float*>(p)[i] = v;
+}
+
+// The fp32 absmax of the blocks under elements [begin, end) of w: a pointer
+// into w.absmax, or decoded into a buffer this object owns when double-quantized.
+// at(g) is the absmax of element g's block (a shift: blocksize is a power of two).
+// The SIMD paths pass their own double-quant decoder (same bits, 16 blocks a step).
+class BlockAbsmax {
+ public:
+  using Decoder = void (*)(const NF4Matrix&, int64_t, int64_t, float*);
+  explicit BlockAbsmax(const NF4Matrix& w, Decoder decode = nf4_decode_absmax)
+      : w_(w), decode_(decode), shift_(__builtin_ctzll(uint64_t(w.blocksize))) {}
+  void load(int64_t begin, int64_t end) {
+    first_ = begin >> shift_;
+    const int64_t last = end > begin ? ((end - 1) >> shift_) + 1 : first_;
+    if (w_.absmax != nullptr) {
+      values_ = w_.absmax + first_;
+      return;
+    }
+    buffer_.resize(size_t(last - first_));
+    decode_(w_, first_, last, buffer_.data());
+    values_ = buffer_.data();
+  }
+  const float* values() const { return values_; }  // from the block of `begin`
+  int64_t first_block() const { return first_; }
+  int shift() const { return shift_; }  // log2(blocksize)
+  float at(int64_t g) const { return values_[(g >> shift_) - first_]; }
+  float weight(int64_t g) const { return nf4_decode(nf4_unpack(w_.packed, g), at(g)); }
+
+ private:
+  const NF4Matrix& w_;
+  const Decoder decode_;
+  const int shift_;
+  std::vector<float> buffer_;
+  const float* values_ = nullptr;
+  int64_t first_ = 0;
+};
+
+#define PK_NF4_MATMUL_PATH(suffix)                                                          \
+  void nf4_matvec_##suffix(DType dtype, const NF4Matrix& w, const float* x_packed,         \
+                           int64_t tokens, int64_t row_begin, int64_t row_end,              \
+                           const void* bias, void* y);                                      \
+  void nf4_matvec_t_##suffix(DType dtype, const NF4Matrix& w, const float* dy_t,           \
+                             int64_t tokens, int64_t col_begin, int64_t col_end, void* dx);
+PK_NF4_MATMUL_PATH(scalar)
+PK_NF4_MATMUL_PATH(avx2)
+PK_NF4_MATMUL_PATH(avx512)
+#undef PK_NF4_MATMUL_PATH
+
+}  // namespace pykernels::cpu

@@ -1,0 +1,358 @@
+// CPU implementations of the LoRA ops over a dense base:
+//   lora_linear           y = x W^T + b + s (drop(x) A^T) B^T, and xa = drop(x) A^T
+//   lora_linear_backward  dA, dB and (when asked) dx = dy W + drop'(s (dy B) A)
+//   lora_merge_           W += s B A in place (unmerge: scale -s)
+//   lora_dropout_mask     the keep mask of a seed, as the kernels draw it
+// The base products stay with the matmul library (oneDNN / MKL) and the adapter
+// half (lora_adapter.h, defined here) works in place on their outputs. W and b
+// never get gradients: the autograd registration (pykernels/ops/lora.py) refuses
+// to differentiate them.
+#include "lora_adapter.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "pykernels/cpu.h"
+#include "simd_choice.h"
+
+namespace pykernels::binding::lora {
+namespace {
+
+// Tasks of ~2^18 multiply-adds: below that, thread hand-off costs more than it saves.
+int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, work_per_item));
+}
+
+bool has_kernels(const at::Tensor& t) {
+  const auto type = t.scalar_type();
+  return t.device().is_cpu() && (type == at::kFloat || type == at::kHalf || type == at::kBFloat16);
+}
+
+// Which products run the kernels. With dropout, every product that touches
+// drop(x) does: that is the point, drop(x) is never stored. Without dropout the
+// products are plain, and the matmul library wins most of them. Measured on
+// this machine (1 thread, thread CPU time, 4096x4096, r = 16, T = 2048, bf16 / fp32):
+//   xa = x A^T     lora_x_at    5.4 / 11.6 ms   at::mm  1.7 / 5.2 ms (AMX / MKL)
+//   dx += dxa A    lora_add_g_a 4.9 / 6.1 ms    addmm_  3.8 / 4.8 ms
+//   dA = dxa^T x   lora_gt_x    4.2 / 4.8 ms    at::mm  2.3 / 11.3 ms
+// so the kernels run there only for the contractions over rows in fp32 on the
+// AVX-512 path (AVX2: 3.1 ms at T = 512, twice AVX-512's), from kContractRows rows
+// on (T = 256: 0.60 vs 0.70 ms, T = 512: 1.15 vs 1.47 ms; T = 32: 0.077 vs 0.05 ms). at::mm takes the left operand g^T contiguous from
+// that size on: bf16 at T = 2048, 2.3 ms vs 3.6 ms as a transposed view.
+constexpr int64_t kContractRows = 256;
+constexpr int64_t kFoldRows = 128;  // see lora_linear_cpu
+
+bool fused(const Dropout& d, const at::Tensor& t) { return d.active() && has_kernels(t); }
+
+DType kernel_dtype(const at::Tensor& t) { return float_dtype("lora", "x", t.scalar_type()); }
+
+void check_same_dtype(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                      const char* b_name) {
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", b_name, " must have ", a_name,
+                   "'s dtype ", a.scalar_type(), ", got ", b.scalar_type());
+}
+
+void check_float(const char* op, const char* arg, const at::Tensor& t) {
+  const auto type = t.scalar_type();
+  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kHalf || type == at::kBFloat16 ||
+                       type == at::kDouble,
+                   op, ": ", arg, " must be float32, float16, bfloat16 or float64, got ", type);
+}
+
+// [..., n] -> the same leading dims with n replaced.
+std::vector<int64_t> with_last(const at::Tensor& t, int64_t n) {
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  sizes.back() = n;
+  return sizes;
+}
+
+// lora_A [r, in] and lora_B [out, r] with the dtype and device of `like`.
+void check_lora_weights(const char* op, const at::Tensor& like, const char* like_name, int64_t in,
+                        int64_t out, const at::Tensor& lora_A, const at::Tensor& lora_B) {
+  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(1) == in && lora_A.size(0) >= 1, op,
+                    ": lora_A must be [r, in_features] = [r, ", in, "] with r >= 1, got ",
+                    lora_A.sizes());
+  const int64_t rank = lora_A.size(0);
+  TORCH_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == rank, op,
+                    ": lora_B must be [out_features, r] = [", out, ", ", rank,
+                    "] (r from lora_A), got ", lora_B.sizes());
+  check_same_dtype(op, like, like_name, lora_A, "lora_A");
+  check_same_dtype(op, like, like_name, lora_B, "lora_B");
+  check_same_device(op, like, like_name, lora_A, "lora_A");
+  check_same_device(op, like, like_name, lora_B, "lora_B");
+}
+
+void check_seed(const char* op, const at::Tensor& seed) {
+  TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+                    op, ": seed must be one int64 on the CPU, got ", seed.scalar_type(), " ",
+                    seed.sizes(), " on ", seed.device());
+}
+
+}  // namespace
+
+Dropout check_adapter(const char* op, const at::Tensor& x, const at::Tensor& lora_A,
+                      const at::Tensor& lora_B, int64_t out_features, double dropout_p,
+                      const at::Tensor& seed) {
+  const int64_t in = x.size(-1);
+  check_lora_weights(op, x, "x", in, out_features, lora_A, lora_B);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
+                    dropout_p);
+  check_seed(op, seed);
+  TORCH_CHECK_VALUE(dropout_p == 0.0 || in <= int64_t(std::numeric_limits<uint32_t>::max()), op,
+                    ": dropout needs in_features below 2^32, got ", in);
+  return make_dropout(dropout_p, uint64_t(*seed.const_data_ptr<int64_t>()));
+}
+
+at::Tensor dropout_multiplier(const Dropout& d, int64_t rows, int64_t cols,
+                              const at::TensorOptions& options) {
+  at::Tensor keep = at::empty({rows, cols}, at::TensorOptions().dtype(at::kByte));
+  at::parallel_for(0, rows, grain(cols * 16), [&](int64_t begin, int64_t end) {
+    cpu::dropout_keep_mask(d, cols, begin, end, keep.mutable_data_ptr<uint8_t>() + begin * cols);
+  });
+  return keep.to(options).mul_(double(d.scale));
+}
+
+namespace {
+
+// drop(x) stored: only where no kernel runs (float64, other devices).
+at::Tensor dropped(const at::Tensor& x2d, const Dropout& d) {
+  if (!d.active()) return x2d;
+  return x2d.mul(dropout_multiplier(d, x2d.size(0), x2d.size(1), x2d.options()));
+}
+
+// alpha g^T drop(x) [r, cols] for g [rows, r]: the product contracting the rows.
+at::Tensor contract_rows(const at::Tensor& g, const at::Tensor& x2d, double alpha,
+                         const Dropout& d) {
+  const int64_t rows = x2d.size(0), cols = x2d.size(1), rank = g.size(1);
+  const bool large = rows >= kContractRows;
+  const bool kernel_wins = large && has_kernels(x2d) && x2d.scalar_type() == at::kFloat &&
+                           active_cpu_path() == cpu::SimdPath::AVX512;
+  if (!fused(d, x2d) && !kernel_wins) {
+    const at::Tensor gt = large ? g.t().contiguous() : g.t();
+    return at::addmm(at::empty({rank, cols}, x2d.options()), gt, dropped(x2d, d), 0.0, alpha);
+  }
+  const at::Tensor g32 =
+      (alpha == 1.0 ? g.to(at::kFloat) : g.to(at::kFloat).mul(alpha)).contiguous();
+  const at::Tensor x = x2d.contiguous();
+  at::Tensor out = at::empty({rank, cols}, x.options());
+  const cpu::SimdPath path = active_cpu_path();
+  const DType dtype = kernel_dtype(x);
+  constexpr int64_t kBlock = 64;  // columns per unit of work: the kernels' column tile
+  at::parallel_for(0, ceil_div(cols, kBlock), grain(rows * kBlock * rank),
+                   [&](int64_t begin, int64_t end) {
+                     cpu::lora_gt_x(path, dtype, g32.const_data_ptr<float>(), x.const_data_ptr(),
+                                    rows, cols, rank, d, begin * kBlock,
+                                    std::min(cols, end * kBlock), out.mutable_data_ptr());
+                   });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor adapter_down(const at::Tensor& x2d, const at::Tensor& lora_A, const Dropout& d) {
+  if (!fused(d, x2d)) return at::mm(dropped(x2d, d), lora_A.t());
+  const int64_t rows = x2d.size(0), cols = x2d.size(1), rank = lora_A.size(0);
+  const at::Tensor x = x2d.contiguous();
+  const at::Tensor a = lora_A.contiguous();
+  at::Tensor xa = at::empty({rows, rank}, x.options());
+  const cpu::SimdPath path = active_cpu_path();
+  const DType dtype = kernel_dtype(x);
+  at::parallel_for(0, rows, grain(cols * rank), [&](int64_t begin, int64_t end) {
+    cpu::lora_x_at(path, dtype, x.const_data_ptr(), a.const_data_ptr(), cols, rank, d, begin, end,
+                   xa.mutable_data_ptr());
+  });
+  return xa;
+}
+
+void adapter_add_up(const at::Tensor& y2d, const at::Tensor& xa, const at::Tensor& lora_B,
+                    double scale) {
+  y2d.addmm_(xa, lora_B.t(), 1.0, scale);
+}
+
+AdapterGrads adapter_backward(const at::Tensor& dy2d, const at::Tensor& grad_xa,
+                              const at::Tensor& x2d, const at::Tensor& xa,
+                              const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                              const Dropout& d) {
+  const int64_t rows = x2d.size(0), rank = lora_A.size(0);
+  AdapterGrads g;
+  // beta = 0: the uninitialized input is ignored (never read, NaN-safe).
+  g.dxa = grad_xa.defined()
+              ? at::addmm(grad_xa.reshape({rows, rank}), dy2d, lora_B, 1.0, scale)
+              : at::addmm(at::empty({rows, rank}, dy2d.options()), dy2d, lora_B, 0.0, scale);
+  g.grad_A = contract_rows(g.dxa, x2d, 1.0, d);
+  // dB^T = s xa^T dy has the layout the row contraction wants; with few rows the
+  // transposing copy costs more than it saves (bf16, T = 32: 0.23 vs 0.12 ms).
+  g.grad_B = rows >= kContractRows
+                 ? contract_rows(xa, dy2d, scale, Dropout{}).t().contiguous()
+                 : at::addmm(at::empty(lora_B.sizes(), lora_B.options()), dy2d.t(), xa, 0.0, scale);
+  return g;
+}
+
+void adapter_add_grad_input(const at::Tensor& dx2d, const at::Tensor& dxa,
+                            const at::Tensor& lora_A, const Dropout& d) {
+  const at::Tensor& dx = dx2d;
+  if (!fused(d, dx)) {
+    if (!d.active()) dx.addmm_(dxa, lora_A);
+    else dx.add_(at::mm(dxa, lora_A).mul_(dropout_multiplier(d, dx.size(0), dx.size(1),
+                                                            dx.options())));
+    return;
+  }
+  TORCH_CHECK(dx.is_contiguous(), "lora: the grad input must be contiguous (added to in place)");
+  const int64_t rows = dx.size(0), cols = dx.size(1), rank = lora_A.size(0);
+  const at::Tensor g = dxa.to(at::kFloat).contiguous();
+  const at::Tensor a = lora_A.contiguous();
+  const cpu::SimdPath path = active_cpu_path();
+  const DType dtype = kernel_dtype(dx);
+  at::parallel_for(0, rows, grain(cols * rank), [&](int64_t begin, int64_t end) {
+    cpu::lora_add_g_a(path, dtype, g.const_data_ptr<float>(), a.const_data_ptr(), cols, rank,
+                      d.scale, d, begin, end, dx.mutable_data_ptr());
+  });
+}
+
+namespace {
+
+// x, weight, bias against each other; returns out_features.
+int64_t check_base(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                   const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be [out_features, in_features], got ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), op, ": x's last dimension (", x.size(-1),
+                    ") must equal weight's in_features (", weight.size(1), ")");
+  check_same_dtype(op, x, "x", weight, "weight");
+  check_same_device(op, x, "x", weight, "weight");
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
+                      ": bias must be [out_features] = [", weight.size(0), "], got ",
+                      bias->sizes());
+    check_same_dtype(op, x, "x", *bias, "bias");
+    check_same_device(op, x, "x", *bias, "bias");
+  }
+  return weight.size(0);
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const at::Tensor& lora_A,
+                                                   const at::Tensor& lora_B, double scale,
+                                                   double dropout_p, const at::Tensor& seed) {
+  constexpr const char* op = "lora_linear";
+  const int64_t out = check_base(op, x, weight, bias);
+  const Dropout d = check_adapter(op, x, lora_A, lora_B, out, dropout_p, seed);
+  const at::Tensor x2d = x.reshape({-1, x.size(-1)});
+  const at::Tensor xa = adapter_down(x2d, lora_A, d);
+  at::Tensor y;
+  if (x2d.size(0) <= kFoldRows) {
+    // Few rows: the adapter's term (and b) first, then the base GEMM accumulates
+    // onto it (beta = 1) instead of a pass of its own over y. Over the base's
+    // forward, bf16: T = 32 +0.13 ms vs +0.42 ms (of 6.5), T = 128 -0.18 vs +0.29
+    // ms; from T = 512 on the separate pass is as fast or faster (+2.8 vs +4.2 ms).
+    y = bias.has_value()
+            ? at::addmm(*bias, xa, lora_B.t(), 1.0, scale)
+            : at::addmm(at::empty({x2d.size(0), out}, x.options()), xa, lora_B.t(), 0.0, scale);
+    y.addmm_(x2d, weight.t());
+  } else {
+    y = bias.has_value() ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
+    adapter_add_up(y, xa, lora_B, scale);
+  }
+  return {y.view(with_last(x, out)), xa.view(with_last(x, lora_A.size(0)))};
+}
+
+std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> lora_linear_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_xa, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& xa, double scale, double dropout_p, const at::Tensor& seed,
+    bool need_grad_x) {
+  constexpr const char* op = "lora_linear_backward";
+  const int64_t out = check_base(op, x, weight, std::nullopt);
+  const Dropout d = check_adapter(op, x, lora_A, lora_B, out, dropout_p, seed);
+  const int64_t rank = lora_A.size(0);
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(with_last(x, out)), op,
+                    ": grad_out must have the output's shape ", at::IntArrayRef(with_last(x, out)),
+                    ", got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(xa.sizes() == at::IntArrayRef(with_last(x, rank)), op,
+                    ": xa must have shape ", at::IntArrayRef(with_last(x, rank)), ", got ",
+                    xa.sizes());
+  check_same_dtype(op, x, "x", grad_out, "grad_out");
+  check_same_dtype(op, x, "x", xa, "xa");
+  if (grad_xa.has_value()) {
+    TORCH_CHECK_VALUE(grad_xa->sizes() == xa.sizes(), op, ": grad_xa must have xa's shape ",
+                      xa.sizes(), ", got ", grad_xa->sizes());
+    check_same_dtype(op, x, "x", *grad_xa, "grad_xa");
+  }
+  const at::Tensor x2d = x.reshape({-1, x.size(-1)});
+  const at::Tensor dy2d = grad_out.reshape({-1, out});
+  AdapterGrads g = adapter_backward(dy2d, grad_xa.value_or(at::Tensor()), x2d,
+                                    xa.reshape({-1, rank}), lora_A, lora_B, scale, d);
+  at::Tensor dx;
+  if (need_grad_x) {
+    dx = at::mm(dy2d, weight);
+    adapter_add_grad_input(dx, g.dxa, lora_A, d);
+    dx = dx.view(x.sizes());
+  }
+  return {need_grad_x ? std::optional<at::Tensor>(dx) : std::nullopt, g.grad_A, g.grad_B};
+}
+
+void lora_merge_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                    double scale) {
+  constexpr const char* op = "lora_merge_";
+  check_float(op, "weight", weight);
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be [out_features, in_features], got ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.is_contiguous(), op,
+                    ": weight must be contiguous (it is updated in place)");
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  check_lora_weights(op, weight, "weight", cols, rows, lora_A, lora_B);
+  const int64_t rank = lora_A.size(0);
+  if (!has_kernels(weight)) {
+    weight.addmm_(lora_B, lora_A, 1.0, scale);
+    return;
+  }
+  // One pass over W: each row's delta summed in fp32 and added with one rounding.
+  const at::Tensor b = lora_B.to(at::kFloat).contiguous();
+  const at::Tensor a = lora_A.contiguous();
+  const cpu::SimdPath path = active_cpu_path();
+  const DType dtype = kernel_dtype(weight);
+  at::parallel_for(0, rows, grain(cols * rank), [&](int64_t begin, int64_t end) {
+    cpu::lora_add_g_a(path, dtype, b.const_data_ptr<float>(), a.const_data_ptr(), cols, rank,
+                      float(scale), Dropout{}, begin, end, weight.mutable_data_ptr());
+  });
+}
+
+at::Tensor lora_dropout_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
+  constexpr const char* op = "lora_dropout_mask";
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, op, ": rows and cols must be >= 0, got ", rows, ", ",
+                    cols);
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
+  check_seed(op, seed);
+  const Dropout d = make_dropout(p, uint64_t(*seed.const_data_ptr<int64_t>()));
+  at::Tensor keep = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBool));
+  at::parallel_for(0, rows, grain(cols * 16), [&](int64_t begin, int64_t end) {
+    cpu::dropout_keep_mask(d, cols, begin, end,
+                           static_cast<uint8_t*>(keep.mutable_data_ptr()) + begin * cols);
+  });
+  return keep;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
+  m.impl("lora_linear", &lora_linear_cpu);
+  m.impl("lora_linear_backward", &lora_linear_backward_cpu);
+  m.impl("lora_merge_", &lora_merge_cpu);
+  m.impl("lora_dropout_mask", &lora_dropout_mask_cpu);
+}
+
+}  // namespace pykernels::binding::lora

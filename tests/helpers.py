@@ -1,0 +1,40 @@
+"""Shared by the test modules: the tolerance rule and peak-memory measurement."""
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def assert_rule(got, ref_lowp, truth, what):
+    """DESIGN §4: error vs the float64 truth at most ~2x the reference's own error
+    when run in that dtype (plus an ulp-sized floor for when that error is ~0)."""
+    truth = truth.double()
+    err = (got.double() - truth).abs().max().item()
+    ref_err = (ref_lowp.double() - truth).abs().max().item()
+    floor = 4 * torch.finfo(got.dtype).eps * truth.abs().max().item()
+    assert err <= 2 * ref_err + floor, f"{what}: error {err:.3g} vs reference-in-dtype {ref_err:.3g}"
+
+
+# Prepended to a peak-memory script: status() and reset_peak().
+PEAK_MEMORY_PRELUDE = """
+def status(key):  # kB
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident set, to the current one
+    return status("VmRSS")
+"""
+
+
+def peak_memory_growth(script: str, *args: str) -> int:
+    """Bytes by which ``script`` (run in a fresh process, after PEAK_MEMORY_PRELUDE)
+    raised peak resident memory: it prints (VmHWM - the VmRSS reset_peak() returned)
+    in kB. glibc is told to mmap every allocation over 64 KiB, so freed buffers
+    leave the resident set instead of being reused unseen."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY_PRELUDE + script, *args], env=env,
+                            capture_output=True, text=True, check=True)
+    return int(result.stdout) * 1024
