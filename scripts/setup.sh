@@ -30,4 +30,6 @@ if [ "${PYKERNELS_EDITABLE:-1}" = 1 ]; then
 else
   MAX_JOBS=${MAX_JOBS:-2} "$PIP" install -q --disable-pip-version-check --no-build-isolation .
 fi
-"$VENV/bin/python" -c "import pykernels, torch; print('pykernels ready: torch', torch.__version__, '| cpu paths', pykernels._C.cpu_paths(), '| cuda kernels', pykernels._C.cuda_compiled())"
+# From / so a regular install is checked, not the in-tree package.
+VENV_PY="$(cd "$VENV" && pwd)/bin/python"
+(cd / && "$VENV_PY" -c "import pykernels, torch; print('pykernels ready: torch', torch.__version__, '| cpu paths', pykernels._C.cpu_paths(), '| cuda kernels', pykernels._C.cuda_compiled())")
