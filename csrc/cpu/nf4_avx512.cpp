@@ -31,19 +31,35 @@ template <DType D> PK_AVX512 inline __m512 load16(const typename Storage<D>::typ
   }
 }
 
-template <DType D> PK_AVX512 inline void store16(typename Storage<D>::type* p, __m512 v) {
-  if constexpr (D == DType::F32) {
-    _mm512_storeu_ps(p, v);
-  } else if constexpr (D == DType::F16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+// 16 values in a half-precision dtype's bits.
+template <DType D> PK_AVX512 inline __m256i to_half16(__m512 v) {
+  if constexpr (D == DType::F16) {
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   } else {
     // Round to nearest even on the bits, as float_to_bf16 does (values are finite).
     const __m512i u = _mm512_castps_si512(v);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  }
+}
+
+// 32 values to p. Streaming (non-temporal) stores skip the read-for-ownership a
+// normal store does, so a large output costs its bytes once instead of twice;
+// p must then be 64-byte aligned.
+template <DType D, bool Stream> PK_AVX512 inline void store32(typename Storage<D>::type* p, __m512 a, __m512 b) {
+  if constexpr (D == DType::F32) {
+    if constexpr (Stream) {
+      _mm512_stream_ps(p, a);
+      _mm512_stream_ps(p + 16, b);
+    } else {
+      _mm512_storeu_ps(p, a);
+      _mm512_storeu_ps(p + 16, b);
+    }
+  } else {
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(to_half16<D>(a)), to_half16<D>(b), 1);
+    if constexpr (Stream) _mm512_stream_si512(reinterpret_cast<__m512i*>(p), both);
+    else _mm512_storeu_si512(p, both);
   }
 }
 
@@ -107,23 +123,81 @@ PK_AVX512 int64_t quantize(const typename Storage<D>::type* x, int64_t n, int64_
   return first_bad;
 }
 
+// bf16 with AVX512-BF16: one vcvtne2ps2bf16 rounds 32 values to nearest even,
+// as to_half16 does, 1.6x faster here. It treats subnormal inputs as zero, so
+// blocks whose decoded values could be subnormal (absmax below 2^-126 over the
+// smallest nonzero |code|, 0.0796) keep the integer rounding.
+constexpr float kBF16NativeMinAbsmax = 1.5e-37f;
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+void dequantize_bf16_native(const uint8_t* packed, const float* absmax, int64_t blocksize,
+                            int64_t block_begin, int64_t block_end, uint16_t* out, bool stream) {
+  const __m512 table = _mm512_loadu_ps(kNF4Code);
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const uint8_t* src = packed + b * blocksize / 2;
+    uint16_t* dst = out + b * blocksize;
+    if (!(absmax[b] >= kBF16NativeMinAbsmax)) {
+      const __m512 scale = _mm512_set1_ps(absmax[b]);
+      for (int64_t i = 0; i < blocksize; i += 32)
+        store32<DType::BF16, false>(dst + i, _mm512_mul_ps(_mm512_permutexvar_ps(unpack16(src + i / 2), table), scale),
+                                    _mm512_mul_ps(_mm512_permutexvar_ps(unpack16(src + i / 2 + 8), table), scale));
+      continue;
+    }
+    const __m512 scale = _mm512_set1_ps(absmax[b]);
+    for (int64_t i = 0; i < blocksize; i += 32) {
+      const __m512 v0 = _mm512_mul_ps(_mm512_permutexvar_ps(unpack16(src + i / 2), table), scale);
+      const __m512 v1 = _mm512_mul_ps(_mm512_permutexvar_ps(unpack16(src + i / 2 + 8), table), scale);
+      const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0));
+      if (stream) _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), both);
+      else _mm512_storeu_si512(dst + i, both);
+    }
+  }
+  if (stream) _mm_sfence();
+}
+
+template <DType D, bool Stream>
+PK_AVX512 void dequantize_full_blocks(const uint8_t* packed, const float* absmax, int64_t blocksize,
+                                      int64_t block_begin, int64_t block_end,
+                                      typename Storage<D>::type* out) {
+  const __m512 table = _mm512_loadu_ps(kNF4Code);
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const __m512 scale = _mm512_set1_ps(absmax[b]);
+    const uint8_t* src = packed + b * blocksize / 2;
+    auto* dst = out + b * blocksize;
+    for (int64_t i = 0; i < blocksize; i += 32) {
+      const __m512 v0 = _mm512_permutexvar_ps(unpack16(src + i / 2), table);
+      const __m512 v1 = _mm512_permutexvar_ps(unpack16(src + i / 2 + 8), table);
+      store32<D, Stream>(dst + i, _mm512_mul_ps(v0, scale), _mm512_mul_ps(v1, scale));
+    }
+  }
+  if constexpr (Stream) _mm_sfence();
+}
+
+// Outputs past this size stream to memory: they cannot stay in this machine's
+// caches anyway (105 MiB L3 shared by everything), and streaming saves the
+// read-for-ownership of every output line.
+constexpr int64_t kStreamOutputBytes = int64_t(16) << 20;
+
 template <DType D>
 PK_AVX512 void dequantize(const uint8_t* packed, const float* absmax, int64_t n,
                           int64_t blocksize, int64_t block_begin, int64_t block_end,
                           typename Storage<D>::type* out) {
-  const __m512 table = _mm512_loadu_ps(kNF4Code);
   const int64_t full_end = full_blocks_end(n, blocksize, block_end);
-  for (int64_t b = block_begin; b < full_end; ++b) {
-    const __m512 scale = _mm512_set1_ps(absmax[b]);
-    const uint8_t* src = packed + b * blocksize / 2;
-    auto* dst = out + b * blocksize;
-    for (int64_t i = 0; i < blocksize; i += 32) {  // two steps per iteration: 1.2x here
-      const __m512 v0 = _mm512_permutexvar_ps(unpack16(src + i / 2), table);
-      const __m512 v1 = _mm512_permutexvar_ps(unpack16(src + i / 2 + 8), table);
-      store16<D>(dst + i, _mm512_mul_ps(v0, scale));
-      store16<D>(dst + i + 16, _mm512_mul_ps(v1, scale));
+  const bool aligned = reinterpret_cast<uintptr_t>(out) % 64 == 0;
+  const bool stream = aligned && n * int64_t(sizeof(*out)) >= kStreamOutputBytes;
+  if constexpr (D == DType::BF16) {
+    static const bool native_bf16 = __builtin_cpu_supports("avx512bf16");
+    if (native_bf16) {
+      dequantize_bf16_native(packed, absmax, blocksize, block_begin, full_end, out, stream);
+      if (full_end < block_end)
+        nf4_dequantize_scalar(D, packed, absmax, n, blocksize, full_end, block_end, out);
+      return;
     }
   }
+  if (stream)
+    dequantize_full_blocks<D, true>(packed, absmax, blocksize, block_begin, full_end, out);
+  else
+    dequantize_full_blocks<D, false>(packed, absmax, blocksize, block_begin, full_end, out);
   if (full_end < block_end)
     nf4_dequantize_scalar(D, packed, absmax, n, blocksize, full_end, block_end, out);
 }

@@ -115,6 +115,26 @@ static void test_not_finite_detected() {
   }
 }
 
+// Blocks whose decoded values are subnormal: every path must round them as the
+// scalar path does (AVX512-BF16's conversion would flush them to zero).
+static void test_subnormal_blocks_decode_alike() {
+  const int64_t n = 64 * 8;
+  std::vector<float> x(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) x[size_t(i)] = std::ldexp(float(i % 17) - 8.0f, -130 + int(i / 64));
+  std::vector<uint8_t> packed(static_cast<size_t>(n / 2));
+  std::vector<float> absmax(8);
+  cpu::nf4_quantize(SimdPath::Scalar, DType::F32, x.data(), n, 64, 0, 8, packed.data(), absmax.data());
+  for (DType dtype : {DType::BF16, DType::F16, DType::F32}) {
+    std::vector<uint8_t> ref(static_cast<size_t>(n * 4)), out(static_cast<size_t>(n * 4));
+    cpu::nf4_dequantize(SimdPath::Scalar, dtype, packed.data(), absmax.data(), n, 64, 0, 8, ref.data());
+    for (SimdPath path : {SimdPath::AVX2, SimdPath::AVX512}) {
+      if (!cpu::simd_path_supported(path)) continue;
+      cpu::nf4_dequantize(path, dtype, packed.data(), absmax.data(), n, 64, 0, 8, out.data());
+      CHECK(out == ref, "%s: subnormal blocks decode differently, dtype %d", cpu::simd_path_name(path), int(dtype));
+    }
+  }
+}
+
 static void test_half_conversions() {
   // Every fp16 / bf16 bit pattern round-trips through float.
   for (uint32_t h = 0; h < 65536; ++h) {
@@ -154,6 +174,7 @@ int main() {
   test_zero_block_and_midpoints();
   test_not_finite_detected();
   test_paths_agree();
+  test_subnormal_blocks_decode_alike();
   test_blockwise8_roundtrip();
   std::printf("simd paths:");
   for (SimdPath path : {SimdPath::Scalar, SimdPath::AVX2, SimdPath::AVX512})
