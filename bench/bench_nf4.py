@@ -6,18 +6,23 @@ Targets, checked in the "ratio" rows against peers timed in the same run:
   bandwidth, counting bytes read (packed + absmax) and written (output);
 - and no slower than bitsandbytes' own C kernel writing into a preallocated output.
 
-Each op group allocates on every side or on none: "quantize", "dequantize" and
-their "double" variants allocate their outputs; "dequantize into" writes into a
-buffer made once. torchao's NF4 always double-quantizes and rounds to the nearest
-code of a rounded table (DESIGN.md §2), so it sits beside our double quant.
-GB/s counts the bytes of the plain format (dense weight + packed + absmax) for
-every row, so it reads as throughput across rows.
+Each op group is timed with its implementations' calls interleaved, and
+allocates on every side or on none: "quantize", "dequantize" and their "double"
+variants allocate their outputs; "dequantize into" writes into a buffer made once.
+Allocating a large output costs more than decoding into it here (page faults:
+4096x4096 bf16 dequantize, 16 ms allocating vs 3 ms into a buffer). torchao's NF4
+always double-quantizes and rounds to the nearest code of a rounded table
+(DESIGN.md §2), so it sits beside our double quant. GB/s counts the bytes of the
+plain format (dense weight + packed + absmax) for every row, so it reads as
+throughput across rows. Every result is checked against bitsandbytes' bytes
+before it is timed.
 
     python bench/bench_nf4.py [--quick] [--out DIR]
 """
 from __future__ import annotations
 
 import ctypes as ct
+from pathlib import Path
 
 import common  # first: it quiets the peers' import-time logging
 
@@ -186,7 +191,7 @@ def run(args) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], out_dir) -> str:
+def plot(rows: list[dict], out_dir: Path) -> Path:
     """Bar chart of dequantize GB/s per implementation, with the copy bandwidth as a line."""
     import matplotlib
     matplotlib.use("Agg")

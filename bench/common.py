@@ -241,7 +241,11 @@ def main(modules: dict[str, str], argv=None) -> None:
                         help=f"which to run (default: all of {', '.join(modules)})")
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke test")
     parser.add_argument("--out", type=Path, default=REPO / "results", help="output folder")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads, shared by bitsandbytes' OpenMP (default: %(default)s);"
+                             " on a busy machine 1 keeps regions from waiting for a second core")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     names = args.benches or list(modules)
     unknown = [n for n in names if n not in modules]
     if unknown:
