@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # The prepared GPU check: one call on a lent GPU machine (an H200: sm_90) that
-# builds the extension for the chip, runs every CUDA test and times NF4
-# dequantize against the device's copy bandwidth and bitsandbytes. It runs in
-# the repo root and writes under $OUT (default results/gpu); expect ~4 minutes,
-# each step has its own time limit so the whole stays under 8.
+# builds the extension for the chip, runs every CUDA test, times NF4 dequantize
+# against the device's copy bandwidth and bitsandbytes, and times the LoRA
+# training step (vs peft and the base layer) and the NF4 linear layer (vs the
+# copy bandwidth, a dense layer and bitsandbytes). It runs in the repo root and
+# writes under $OUT (default results/gpu); expect ~5 minutes. Each step has its
+# own time limit, cut to what is left of 8 minutes from the start.
 #
 #   bash bench/gpu_check.sh
 #
 # Nothing can be downloaded there: the image's CUDA torch is used (pip is tried
 # only if it has none). bitsandbytes, the peer, is used if installed or carried
 # as a wheel in .whl/ (name .whl in the call's carry; see the device README for
-# the pip download line), else the benchmark times pykernels alone.
+# the pip download line), else the benchmarks time pykernels alone; peft, the
+# LoRA peer, likewise if installed.
 #
 # $OUT: summary.txt (one line per step), env.txt (GPU, versions, kernel resource
 # usage), build.log, run.log (pytest and benchmark output), junit-cuda.xml,
-# nf4_cuda.json and nf4_cuda.csv.
+# bench_*.log, nf4_cuda.json / .csv and lora_cuda.json / .csv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu}
@@ -23,10 +26,17 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+deadline=$(( $(date +%s) + 480 ))
+# limit N: N seconds, or what is left before the deadline if less (at least 10).
+limit() {
+  local left=$(( deadline - $(date +%s) ))
+  (( left < 10 )) && left=10
+  echo $(( $1 < left ? $1 : left ))
+}
 
 # ---- what is needed ----
 if ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-  timeout 120 $PY -m pip install -q --retries 0 --timeout 10 torch numpy pytest \
+  timeout "$(limit 120)" $PY -m pip install -q --retries 0 --timeout 10 torch numpy pytest \
     || summary "torch: no CUDA torch and none installable"
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -34,7 +44,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 $PY -c "import bitsandbytes" 2>/dev/null \
-  || timeout 60 $PY -m pip install -q --retries 0 --timeout 10 bitsandbytes==0.50.2 \
+  || timeout "$(limit 60)" $PY -m pip install -q --retries 0 --timeout 10 bitsandbytes==0.50.2 \
     >/dev/null 2>&1 \
   || summary "bitsandbytes: not available, the benchmark times pykernels alone"
 
@@ -52,7 +62,7 @@ export CUDA_HOME TORCH_CUDA_ARCH_LIST=9.0 PYKERNELS_CUDA=1 MAX_JOBS=$(nproc)
 
 # ---- build for sm_90 ----
 start=$(date +%s)
-timeout 240 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+timeout "$(limit 240)" $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 rc=$?
 summary "build: rc=$rc in $(( $(date +%s) - start )) s (sm_90, CUDA_HOME=$CUDA_HOME)"
 with_cuda="import pykernels, sys; sys.exit(not pykernels._C.cuda_compiled())"
@@ -67,14 +77,17 @@ command -v cuobjdump >/dev/null && cuobjdump --dump-resource-usage pykernels/_C*
 
 # ---- every CUDA test, the >2^31-element one included ----
 start=$(date +%s)
-timeout 200 $PY -m pytest -m cuda tests -q -rs -p no:cacheprovider \
+timeout "$(limit 240)" $PY -m pytest -m cuda tests -q -rs -p no:cacheprovider \
   --junitxml="$OUT/junit-cuda.xml" > "$OUT/run.log" 2>&1
 rc=$?
 summary "tests: rc=$rc in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/run.log")"
 
-# ---- dequantize bandwidth ----
-start=$(date +%s)
-timeout 120 $PY bench/bench_nf4_cuda.py --out "$OUT" >> "$OUT/run.log" 2>&1
-rc=$?
-summary "benchmark: rc=$rc in $(( $(date +%s) - start )) s"
-sed -n '/^\[limit\]/,$p' "$OUT/run.log"
+# ---- benchmarks: NF4 dequantize bandwidth; the LoRA step and NF4 linear ----
+for bench in nf4_cuda lora_cuda; do
+  start=$(date +%s)
+  timeout "$(limit 120)" $PY bench/bench_$bench.py --out "$OUT" > "$OUT/bench_$bench.log" 2>&1
+  rc=$?
+  cat "$OUT/bench_$bench.log" >> "$OUT/run.log"
+  summary "benchmark $bench: rc=$rc in $(( $(date +%s) - start )) s"
+  sed -n '/^\[limit\]/,$p' "$OUT/bench_$bench.log"
+done

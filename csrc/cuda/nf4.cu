@@ -20,6 +20,7 @@
 
 #include <cfloat>
 
+#include "chunk.h"
 #include "launch.h"
 #include "pykernels/cuda.h"
 #include "pykernels/nf4.h"
@@ -27,34 +28,10 @@
 namespace pykernels::cuda {
 namespace {
 
-constexpr int kChunk = 8;   // quantize: elements per lane and step
+// quantize: kChunk (chunk.h) elements per lane and step.
 constexpr int kGroup = 16;  // dequantize: elements per thread and step
 
 // ---- helpers ----
-
-// Elements [i, i + 8) of x as fp32; those at or past `end` read as 0.
-template <DType D>
-__device__ void load_chunk(const typename Storage<D>::type* x, int64_t i, int64_t end,
-                           bool vectorized, float (&v)[kChunk]) {
-  if (vectorized && i + kChunk <= end) {
-    if constexpr (D == DType::F32) {
-      const float4 lo = reinterpret_cast<const float4*>(x + i)[0];
-      const float4 hi = reinterpret_cast<const float4*>(x + i)[1];
-      v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
-      v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
-    } else {
-      const uint4 w = *reinterpret_cast<const uint4*>(x + i);
-      const uint16_t h[kChunk] = {uint16_t(w.x), uint16_t(w.x >> 16), uint16_t(w.y),
-                                  uint16_t(w.y >> 16), uint16_t(w.z), uint16_t(w.z >> 16),
-                                  uint16_t(w.w), uint16_t(w.w >> 16)};
-#pragma unroll
-      for (int k = 0; k < kChunk; ++k) v[k] = load_as_float<D>(h, k);
-    }
-    return;
-  }
-#pragma unroll
-  for (int k = 0; k < kChunk; ++k) v[k] = i + k < end ? load_as_float<D>(x, i + k) : 0.0f;
-}
 
 // 32-bit word w of 16 converted outputs, in memory order.
 template <DType D>

@@ -1,12 +1,13 @@
-// CPU implementations of the LoRA ops over a dense base:
+// The LoRA ops over a dense base, for every device (CUDA registers them in
+// lora_cuda.cpp), and the CPU's fused kernels:
 //   lora_linear           y = x W^T + b + s (drop(x) A^T) B^T, and xa = drop(x) A^T
 //   lora_linear_backward  dA, dB and (when asked) dx = dy W + drop'(s (dy B) A)
 //   lora_merge_           W += s B A in place (unmerge: scale -s)
-//   lora_dropout_mask     the keep mask of a seed, as the kernels draw it
-// The base products stay with the matmul library (oneDNN / MKL) and the adapter
-// half (lora_adapter.h, defined here) works in place on their outputs. W and b
-// never get gradients: the autograd registration (pykernels/ops/lora.py) refuses
-// to differentiate them.
+//   lora_dropout_mask     the keep mask of a seed, as the kernels draw it (CPU only)
+// The base products stay with the matmul library (oneDNN / MKL, cuBLAS) and the
+// adapter half (lora_adapter.h, defined here) works in place on their outputs.
+// W and b never get gradients: the autograd registration (pykernels/ops/lora.py)
+// refuses to differentiate them.
 #include "lora_adapter.h"
 
 #include <ATen/Parallel.h>
@@ -34,9 +35,55 @@ int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, work_per_item));
 }
 
-bool has_kernels(const at::Tensor& t) {
+DType kernel_dtype(const at::Tensor& t) { return float_dtype("lora", "x", t.scalar_type()); }
+
+// ---- the CPU's fused kernels (lora_adapter.h), split across torch's threads ----
+
+void cpu_x_at(const at::Tensor& x, const at::Tensor& a, const Dropout& d, const at::Tensor& out) {
+  const int64_t rows = x.size(0), cols = x.size(1), rank = a.size(0);
+  const cpu::SimdPath path = active_cpu_path();
+  const DType dtype = kernel_dtype(x);
+  at::parallel_for(0, rows, grain(cols * rank), [&](int64_t begin, int64_t end) {
+    cpu::lora_x_at(path, dtype, x.const_data_ptr(), a.const_data_ptr(), cols, rank, d, begin, end,
+                   out.mutable_data_ptr());
+  });
+}
+
+void cpu_gt_x(const at::Tensor& g, const at::Tensor& x, const Dropout& d, const at::Tensor& out) {
+  const int64_t rows = x.size(0), cols = x.size(1), rank = g.size(1);
+  const cpu::SimdPath path = active_cpu_path();
+  const DType dtype = kernel_dtype(x);
+  constexpr int64_t kBlock = 64;  // columns per unit of work: the kernels' column tile
+  at::parallel_for(0, ceil_div(cols, kBlock), grain(rows * kBlock * rank),
+                   [&](int64_t begin, int64_t end) {
+                     cpu::lora_gt_x(path, dtype, g.const_data_ptr<float>(), x.const_data_ptr(),
+                                    rows, cols, rank, d, begin * kBlock,
+                                    std::min(cols, end * kBlock), out.mutable_data_ptr());
+                   });
+}
+
+void cpu_add_g_a(const at::Tensor& g, const at::Tensor& a, float scale, const Dropout& d,
+                 const at::Tensor& out) {
+  const int64_t rows = out.size(0), cols = out.size(1), rank = a.size(0);
+  const cpu::SimdPath path = active_cpu_path();
+  const DType dtype = kernel_dtype(out);
+  at::parallel_for(0, rows, grain(cols * rank), [&](int64_t begin, int64_t end) {
+    cpu::lora_add_g_a(path, dtype, g.const_data_ptr<float>(), a.const_data_ptr(), cols, rank,
+                      scale, d, begin, end, out.mutable_data_ptr());
+  });
+}
+
+constexpr FusedKernels kCpuFusedKernels{cpu_x_at, cpu_gt_x, cpu_add_g_a};
+
+// The fused kernels for t's device and dtype, or nullptr (float64, other devices).
+const FusedKernels* fused_kernels(const at::Tensor& t) {
   const auto type = t.scalar_type();
-  return t.device().is_cpu() && (type == at::kFloat || type == at::kHalf || type == at::kBFloat16);
+  if (type != at::kFloat && type != at::kHalf && type != at::kBFloat16) return nullptr;
+  if (t.is_cpu()) return &kCpuFusedKernels;
+#ifdef PYKERNELS_WITH_CUDA
+  if (t.is_cuda()) return &kCudaFusedKernels;
+#endif
+  return nullptr;
 }
 
 // Which products run the kernels. With dropout, every product that touches
@@ -50,12 +97,13 @@ bool has_kernels(const at::Tensor& t) {
 // AVX-512 path (AVX2: 3.1 ms at T = 512, twice AVX-512's), from kContractRows rows
 // on (T = 256: 0.60 vs 0.70 ms, T = 512: 1.15 vs 1.47 ms; T = 32: 0.077 vs 0.05 ms). at::mm takes the left operand g^T contiguous from
 // that size on: bf16 at T = 2048, 2.3 ms vs 3.6 ms as a transposed view.
+// On CUDA every dropout-free product goes to cuBLAS, which takes either layout.
 constexpr int64_t kContractRows = 256;
-constexpr int64_t kFoldRows = 128;  // see lora_linear_cpu
+constexpr int64_t kFoldRows = 128;  // see lora_linear
 
-bool fused(const Dropout& d, const at::Tensor& t) { return d.active() && has_kernels(t); }
-
-DType kernel_dtype(const at::Tensor& t) { return float_dtype("lora", "x", t.scalar_type()); }
+bool fused(const Dropout& d, const at::Tensor& t) {
+  return d.active() && fused_kernels(t) != nullptr;
+}
 
 void check_same_dtype(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b,
                       const char* b_name) {
@@ -136,7 +184,7 @@ at::Tensor contract_rows(const at::Tensor& g, const at::Tensor& x2d, double alph
                          const Dropout& d) {
   const int64_t rows = x2d.size(0), cols = x2d.size(1), rank = g.size(1);
   const bool large = rows >= kContractRows;
-  const bool kernel_wins = large && has_kernels(x2d) && x2d.scalar_type() == at::kFloat &&
+  const bool kernel_wins = large && x2d.is_cpu() && x2d.scalar_type() == at::kFloat &&
                            active_cpu_path() == cpu::SimdPath::AVX512;
   if (!fused(d, x2d) && !kernel_wins) {
     const at::Tensor gt = large ? g.t().contiguous() : g.t();
@@ -146,15 +194,7 @@ at::Tensor contract_rows(const at::Tensor& g, const at::Tensor& x2d, double alph
       (alpha == 1.0 ? g.to(at::kFloat) : g.to(at::kFloat).mul(alpha)).contiguous();
   const at::Tensor x = x2d.contiguous();
   at::Tensor out = at::empty({rank, cols}, x.options());
-  const cpu::SimdPath path = active_cpu_path();
-  const DType dtype = kernel_dtype(x);
-  constexpr int64_t kBlock = 64;  // columns per unit of work: the kernels' column tile
-  at::parallel_for(0, ceil_div(cols, kBlock), grain(rows * kBlock * rank),
-                   [&](int64_t begin, int64_t end) {
-                     cpu::lora_gt_x(path, dtype, g32.const_data_ptr<float>(), x.const_data_ptr(),
-                                    rows, cols, rank, d, begin * kBlock,
-                                    std::min(cols, end * kBlock), out.mutable_data_ptr());
-                   });
+  fused_kernels(x)->gt_x(g32, x, d, out);
   return out;
 }
 
@@ -162,16 +202,9 @@ at::Tensor contract_rows(const at::Tensor& g, const at::Tensor& x2d, double alph
 
 at::Tensor adapter_down(const at::Tensor& x2d, const at::Tensor& lora_A, const Dropout& d) {
   if (!fused(d, x2d)) return at::mm(dropped(x2d, d), lora_A.t());
-  const int64_t rows = x2d.size(0), cols = x2d.size(1), rank = lora_A.size(0);
   const at::Tensor x = x2d.contiguous();
-  const at::Tensor a = lora_A.contiguous();
-  at::Tensor xa = at::empty({rows, rank}, x.options());
-  const cpu::SimdPath path = active_cpu_path();
-  const DType dtype = kernel_dtype(x);
-  at::parallel_for(0, rows, grain(cols * rank), [&](int64_t begin, int64_t end) {
-    cpu::lora_x_at(path, dtype, x.const_data_ptr(), a.const_data_ptr(), cols, rank, d, begin, end,
-                   xa.mutable_data_ptr());
-  });
+  at::Tensor xa = at::empty({x.size(0), lora_A.size(0)}, x.options());
+  fused_kernels(x)->x_at(x, lora_A.contiguous(), d, xa);
   return xa;
 }
 
@@ -191,9 +224,9 @@ AdapterGrads adapter_backward(const at::Tensor& dy2d, const at::Tensor& grad_xa,
               ? at::addmm(grad_xa.reshape({rows, rank}), dy2d, lora_B, 1.0, scale)
               : at::addmm(at::empty({rows, rank}, dy2d.options()), dy2d, lora_B, 0.0, scale);
   g.grad_A = contract_rows(g.dxa, x2d, 1.0, d);
-  // dB^T = s xa^T dy has the layout the row contraction wants; with few rows the
-  // transposing copy costs more than it saves (bf16, T = 32: 0.23 vs 0.12 ms).
-  g.grad_B = rows >= kContractRows
+  // dB^T = s xa^T dy has the layout the CPU's row contraction wants; with few rows
+  // the transposing copy costs more than it saves (bf16, T = 32: 0.23 vs 0.12 ms).
+  g.grad_B = rows >= kContractRows && dy2d.is_cpu()
                  ? contract_rows(xa, dy2d, scale, Dropout{}).t().contiguous()
                  : at::addmm(at::empty(lora_B.sizes(), lora_B.options()), dy2d.t(), xa, 0.0, scale);
   return g;
@@ -209,15 +242,8 @@ void adapter_add_grad_input(const at::Tensor& dx2d, const at::Tensor& dxa,
     return;
   }
   TORCH_CHECK(dx.is_contiguous(), "lora: the grad input must be contiguous (added to in place)");
-  const int64_t rows = dx.size(0), cols = dx.size(1), rank = lora_A.size(0);
-  const at::Tensor g = dxa.to(at::kFloat).contiguous();
-  const at::Tensor a = lora_A.contiguous();
-  const cpu::SimdPath path = active_cpu_path();
-  const DType dtype = kernel_dtype(dx);
-  at::parallel_for(0, rows, grain(cols * rank), [&](int64_t begin, int64_t end) {
-    cpu::lora_add_g_a(path, dtype, g.const_data_ptr<float>(), a.const_data_ptr(), cols, rank,
-                      d.scale, d, begin, end, dx.mutable_data_ptr());
-  });
+  fused_kernels(dx)->add_g_a(dxa.to(at::kFloat).contiguous(), lora_A.contiguous(), d.scale, d,
+                             dx);
 }
 
 namespace {
@@ -243,11 +269,13 @@ int64_t check_base(const char* op, const at::Tensor& x, const at::Tensor& weight
   return weight.size(0);
 }
 
-std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                   const std::optional<at::Tensor>& bias,
-                                                   const at::Tensor& lora_A,
-                                                   const at::Tensor& lora_B, double scale,
-                                                   double dropout_p, const at::Tensor& seed) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lora_linear(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias,
+                                               const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                               double scale, double dropout_p,
+                                               const at::Tensor& seed) {
   constexpr const char* op = "lora_linear";
   const int64_t out = check_base(op, x, weight, bias);
   const Dropout d = check_adapter(op, x, lora_A, lora_B, out, dropout_p, seed);
@@ -270,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
   return {y.view(with_last(x, out)), xa.view(with_last(x, lora_A.size(0)))};
 }
 
-std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> lora_linear_backward_cpu(
+std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> lora_linear_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_xa, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
     const at::Tensor& xa, double scale, double dropout_p, const at::Tensor& seed,
@@ -287,10 +315,13 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> lora_linear_backwa
                     xa.sizes());
   check_same_dtype(op, x, "x", grad_out, "grad_out");
   check_same_dtype(op, x, "x", xa, "xa");
+  check_same_device(op, x, "x", grad_out, "grad_out");
+  check_same_device(op, x, "x", xa, "xa");
   if (grad_xa.has_value()) {
     TORCH_CHECK_VALUE(grad_xa->sizes() == xa.sizes(), op, ": grad_xa must have xa's shape ",
                       xa.sizes(), ", got ", grad_xa->sizes());
     check_same_dtype(op, x, "x", *grad_xa, "grad_xa");
+    check_same_device(op, x, "x", *grad_xa, "grad_xa");
   }
   const at::Tensor x2d = x.reshape({-1, x.size(-1)});
   const at::Tensor dy2d = grad_out.reshape({-1, out});
@@ -305,31 +336,26 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> lora_linear_backwa
   return {need_grad_x ? std::optional<at::Tensor>(dx) : std::nullopt, g.grad_A, g.grad_B};
 }
 
-void lora_merge_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                    double scale) {
+void lora_merge_(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                 double scale) {
   constexpr const char* op = "lora_merge_";
   check_float(op, "weight", weight);
   TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be [out_features, in_features], got ",
                     weight.sizes());
   TORCH_CHECK_VALUE(weight.is_contiguous(), op,
                     ": weight must be contiguous (it is updated in place)");
-  const int64_t rows = weight.size(0), cols = weight.size(1);
-  check_lora_weights(op, weight, "weight", cols, rows, lora_A, lora_B);
-  const int64_t rank = lora_A.size(0);
-  if (!has_kernels(weight)) {
+  check_lora_weights(op, weight, "weight", weight.size(1), weight.size(0), lora_A, lora_B);
+  const FusedKernels* kernels = fused_kernels(weight);
+  if (kernels == nullptr) {
     weight.addmm_(lora_B, lora_A, 1.0, scale);
     return;
   }
   // One pass over W: each row's delta summed in fp32 and added with one rounding.
-  const at::Tensor b = lora_B.to(at::kFloat).contiguous();
-  const at::Tensor a = lora_A.contiguous();
-  const cpu::SimdPath path = active_cpu_path();
-  const DType dtype = kernel_dtype(weight);
-  at::parallel_for(0, rows, grain(cols * rank), [&](int64_t begin, int64_t end) {
-    cpu::lora_add_g_a(path, dtype, b.const_data_ptr<float>(), a.const_data_ptr(), cols, rank,
-                      float(scale), Dropout{}, begin, end, weight.mutable_data_ptr());
-  });
+  kernels->add_g_a(lora_B.to(at::kFloat).contiguous(), lora_A.contiguous(), float(scale),
+                   Dropout{}, weight);
 }
+
+namespace {
 
 at::Tensor lora_dropout_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
   constexpr const char* op = "lora_dropout_mask";
@@ -349,9 +375,9 @@ at::Tensor lora_dropout_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t c
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
-  m.impl("lora_linear", &lora_linear_cpu);
-  m.impl("lora_linear_backward", &lora_linear_backward_cpu);
-  m.impl("lora_merge_", &lora_merge_cpu);
+  m.impl("lora_linear", &lora_linear);
+  m.impl("lora_linear_backward", &lora_linear_backward);
+  m.impl("lora_merge_", &lora_merge_);
   m.impl("lora_dropout_mask", &lora_dropout_mask_cpu);
 }
 

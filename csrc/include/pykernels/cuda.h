@@ -2,13 +2,15 @@
 // stream to launch on (never the legacy default stream: pass the caller's
 // current stream), queues its kernels and returns the launch error, if any.
 // They do not synchronize. Formats: pykernels/nf4.h, pykernels/blockwise8.h;
-// the bytes written equal the CPU kernels' (pykernels/cpu.h) exactly.
+// the bytes written equal the CPU kernels' (pykernels/cpu.h) exactly, except
+// where a comment below says which sums run in another order.
 #pragma once
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
 #include "pykernels/common.h"
+#include "pykernels/dropout.h"
 
 namespace pykernels::cuda {
 
@@ -34,5 +36,66 @@ cudaError_t blockwise8_quantize(const float* x, int64_t n, int64_t blocksize, co
 cudaError_t blockwise8_dequantize(const uint8_t* q, const float* absmax, const float* code,
                                   const float* offset, int64_t n, int64_t blocksize, float* out,
                                   cudaStream_t stream);
+
+// ---- NF4 linear: y = x·Wᵀ and dx = dy·W, W [rows, cols] stored as NF4 ----
+// W as cpu::NF4Matrix describes it (pykernels/cpu.h), every pointer on the
+// device, the double-quant offset included: the kernels read it there, so no
+// launch waits for the host to learn it.
+struct NF4Matrix {
+  const uint8_t* packed = nullptr;
+  const float* absmax = nullptr;        // fp32 absmax, or
+  const uint8_t* absmax_q = nullptr;    // double quant: 8-bit codes of absmax - offset,
+  const float* absmax_scale = nullptr;  //   one scale per 256 blocks,
+  const float* absmax_code = nullptr;   //   the 256-entry code table,
+  const float* absmax_offset = nullptr;  //  and the offset (one float)
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t blocksize = 64;
+};
+
+// The fused kernels take up to this many tokens (their sums live in registers).
+constexpr int64_t kNF4MatvecMaxTokens = 16;
+
+// y [tokens, rows] = x [tokens, cols]·Wᵀ (+ bias [rows], nullable), x, bias and y
+// in dtype, summed in fp32 straight from the packed codes.
+cudaError_t nf4_matvec(DType dtype, const NF4Matrix& w, const void* x, int64_t tokens,
+                       const void* bias, void* y, cudaStream_t stream);
+
+// dx [tokens, cols] = dy [tokens, rows]·W. Split over slabs of W's rows: each
+// slab's fp32 sums go to `workspace` (nf4_matvec_t_workspace floats), then the
+// slabs are added in order, so the result is deterministic.
+int64_t nf4_matvec_t_workspace(const NF4Matrix& w, int64_t tokens);
+cudaError_t nf4_matvec_t(DType dtype, const NF4Matrix& w, const void* dy, int64_t tokens,
+                         float* workspace, void* dx, cudaStream_t stream);
+
+// W[row_begin:row_end, col_begin:col_end] decoded into out (row-major, dtype):
+// the values nf4_dequantize gives, the tile a GEMM multiplies.
+cudaError_t nf4_dequantize_tile(DType dtype, const NF4Matrix& w, int64_t row_begin,
+                                int64_t row_end, int64_t col_begin, int64_t col_end, void* out,
+                                cudaStream_t stream);
+
+// ---- LoRA: the products that touch drop(x) (math: csrc/cpu/lora.cpp) ----
+// Row-major contiguous buffers: x [rows, cols], a (lora_A) [rank, cols] and out
+// in dtype, g [rows, rank] in fp32. drop(x)[t, i] = x[t, i] * d.scale where
+// dropout_keep(d, t, i) (pykernels/dropout.h: the CPU's mask), else 0.
+
+// out [rows, rank] = drop(x)·aᵀ: cpu::lora_x_at's bits (the same 16 partial sums
+// per output, each in column order, added in the same order).
+cudaError_t lora_x_at(DType dtype, const void* x, const void* a, int64_t rows, int64_t cols,
+                      int64_t rank, const Dropout& d, void* out, cudaStream_t stream);
+
+// out [rank, cols] = gᵀ·drop(x). Split over slabs of rows as nf4_matvec_t
+// (workspace: lora_gt_x_workspace floats): deterministic, but not the CPU's order.
+int64_t lora_gt_x_workspace(int64_t rows, int64_t cols, int64_t rank);
+cudaError_t lora_gt_x(DType dtype, const float* g, const void* x, int64_t rows, int64_t cols,
+                      int64_t rank, const Dropout& d, float* workspace, void* out,
+                      cudaStream_t stream);
+
+// out [rows, cols] += scale * (g·a) where dropout_keep(d, t, i) (everywhere when d
+// is inactive): cpu::lora_add_g_a's bits. dx += drop'(dxa·A) with scale = d.scale;
+// the merge W += s·B·A with d inactive and scale = s.
+cudaError_t lora_add_g_a(DType dtype, const float* g, const void* a, int64_t rows, int64_t cols,
+                         int64_t rank, float scale, const Dropout& d, void* out,
+                         cudaStream_t stream);
 
 }  // namespace pykernels::cuda
