@@ -8,6 +8,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 // GCC 12 reports its own intrinsics' _mm*_undefined_* temporaries as maybe-uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include <cfloat>

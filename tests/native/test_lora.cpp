@@ -14,19 +14,11 @@
 #include "pykernels/cpu.h"
 #include "pykernels/dropout.h"
 
+#include "check.h"
+
 using namespace pykernels;
 using cpu::SimdPath;
 
-static int failures = 0;
-#define CHECK(cond, ...)                              \
-  do {                                                \
-    if (!(cond)) {                                    \
-      ++failures;                                     \
-      std::printf("FAIL %s:%d ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                       \
-      std::printf("\n");                              \
-    }                                                 \
-  } while (0)
 
 // n elements of one dtype, as raw bytes.
 struct Buffer {

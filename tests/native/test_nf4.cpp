@@ -11,19 +11,11 @@
 #include "pykernels/cpu.h"
 #include "pykernels/nf4.h"
 
+#include "check.h"
+
 using namespace pykernels;
 using cpu::SimdPath;
 
-static int failures = 0;
-#define CHECK(cond, ...)                        \
-  do {                                          \
-    if (!(cond)) {                              \
-      ++failures;                               \
-      std::printf("FAIL %s:%d ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                 \
-      std::printf("\n");                        \
-    }                                           \
-  } while (0)
 
 // Input of n elements in dtype: normal values, an all-zero block, values that
 // land exactly on NF4 midpoints once scaled.

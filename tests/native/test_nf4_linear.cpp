@@ -15,19 +15,11 @@
 #include "pykernels/cpu.h"
 #include "pykernels/nf4.h"
 
+#include "check.h"
+
 using namespace pykernels;
 using cpu::SimdPath;
 
-static int failures = 0;
-#define CHECK(cond, ...)                              \
-  do {                                                \
-    if (!(cond)) {                                    \
-      ++failures;                                     \
-      std::printf("FAIL %s:%d ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                       \
-      std::printf("\n");                              \
-    }                                                 \
-  } while (0)
 
 static const DType kDTypes[] = {DType::F32, DType::F16, DType::BF16};
 static const SimdPath kPaths[] = {SimdPath::Scalar, SimdPath::AVX2, SimdPath::AVX512};
