@@ -19,8 +19,9 @@ from helpers import assert_rule
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (leading dims, in, out, r): odd sizes, batch dims or none, r = 1, 2, 3, 8, 64, 70 (rank tiles with
-# a remainder), and 300 rows (where the fp32 backward switches to its kernel).
-SHAPES = [((7,), 577, 193, 1), ((2, 5), 577, 193, 64), ((33,), 64, 32, 8), ((3,), 130, 70, 70),
+# a remainder), 300 rows (where the fp32 backward switches to its kernel) and 2048 rows (the
+# kernel's two-level sum over rows).
+SHAPES = [((2048,), 256, 96, 16), ((7,), 577, 193, 1), ((2, 5), 577, 193, 64), ((33,), 64, 32, 8), ((3,), 130, 70, 70),
           ((3, 100), 65, 33, 3), ((), 40, 24, 2)]
 
 

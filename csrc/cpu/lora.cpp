@@ -57,15 +57,19 @@ void gt_x(const float* g, const Elem<D>* x, int64_t rows, int64_t cols, int64_t 
           const Dropout& d, int64_t col_begin, int64_t col_end, Elem<D>* out, float* sums) {
   const int64_t stride = lora_gt_x_stride(col_begin, col_end);
   std::fill(sums, sums + rank * stride, 0.0f);
-  for (int64_t t = 0; t < rows; ++t) {
-    const DropoutRow key = dropout_row(d.seed, uint64_t(t));
-    for (int64_t i = col_begin; i < col_end; ++i) {
-      const float v = dropped(d, key, i, load_as_float<D>(x, t * cols + i));
+  // As the SIMD paths: each tile of kLoraGtxRows rows sums from zero, then adds to the total.
+  for (int64_t t0 = 0; t0 < rows; t0 += kLoraGtxRows) {
+    const int64_t t1 = std::min(rows, t0 + kLoraGtxRows);
+    for (int64_t i = col_begin; i < col_end; ++i)
       for (int64_t k = 0; k < rank; ++k) {
-        float& sum = sums[k * stride + i - col_begin];
-        sum = std::fma(g[t * rank + k], v, sum);
+        float partial = 0.0f;
+        for (int64_t t = t0; t < t1; ++t) {
+          const float v = dropped(d, dropout_row(d.seed, uint64_t(t)), i,
+                                  load_as_float<D>(x, t * cols + i));
+          partial = std::fma(g[t * rank + k], v, partial);
+        }
+        sums[k * stride + i - col_begin] += partial;
       }
-    }
   }
   for (int64_t k = 0; k < rank; ++k)
     for (int64_t i = col_begin; i < col_end; ++i)

@@ -8,6 +8,9 @@
 
 namespace pykernels::cpu {
 
+// Rows per tile of lora_gt_x's two-level sum, in every path (results agree bit for bit).
+constexpr int64_t kLoraGtxRows = 32;
+
 template <DType D> using Elem = typename Storage<D>::type;
 
 // Each takes fp32 scratch of lora_x_at_scratch / lora_gt_x_scratch floats,
