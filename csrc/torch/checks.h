@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "pykernels/common.h"
 #include "pykernels/nf4.h"
@@ -105,6 +106,41 @@ inline void check_blockwise8_dequantize(const char* op, const at::Tensor& q,
   check_same_device(op, q, "q", absmax, "absmax");
   check_positive_blocksize(op, blocksize);
   check_numel(op, "absmax", absmax, nf4_num_blocks(q.numel(), blocksize), "one per block");
+}
+
+// Rows of a flattened [..., features] tensor.
+inline int64_t leading_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
+// t's sizes with the last one replaced.
+inline std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  sizes.back() = last;
+  return sizes;
+}
+
+// The packed size ties the features an activation brings to the weight's shape:
+// say so in terms of that activation.
+inline void check_weight_fits(const char* op, const char* arg, const at::Tensor& t,
+                              const at::Tensor& packed, int64_t out_features,
+                              int64_t in_features) {
+  TORCH_CHECK_VALUE(packed.numel() == nf4_packed_bytes(out_features * in_features), op, ": ", arg,
+                    " gives a [", out_features, ", ", in_features,
+                    "] weight (out_features, in_features), which packs into ",
+                    nf4_packed_bytes(out_features * in_features), " bytes, but packed has ",
+                    packed.numel(), "; check ", arg, "'s last dimension (shape ", t.sizes(), ")");
+}
+
+inline void check_bias(const char* op, const at::Tensor& x, const at::Tensor& bias,
+                       int64_t out_features) {
+  check_dtype(op, "bias", bias, x.scalar_type());
+  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == out_features, op,
+                    ": bias must have shape [", out_features, "] (out_features), got ",
+                    bias.sizes());
+  check_same_device(op, x, "x", bias, "bias");
 }
 
 }  // namespace pykernels::binding

@@ -118,13 +118,6 @@ void check_float(const char* op, const char* arg, const at::Tensor& t) {
                    op, ": ", arg, " must be float32, float16, bfloat16 or float64, got ", type);
 }
 
-// [..., n] -> the same leading dims with n replaced.
-std::vector<int64_t> with_last(const at::Tensor& t, int64_t n) {
-  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
-  sizes.back() = n;
-  return sizes;
-}
-
 // lora_A [r, in] and lora_B [out, r] with the dtype and device of `like`.
 void check_lora_weights(const char* op, const at::Tensor& like, const char* like_name, int64_t in,
                         int64_t out, const at::Tensor& lora_A, const at::Tensor& lora_B) {
@@ -295,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear(const at::Tensor& x, const at::Te
     y = bias.has_value() ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
     adapter_add_up(y, xa, lora_B, scale);
   }
-  return {y.view(with_last(x, out)), xa.view(with_last(x, lora_A.size(0)))};
+  return {y.view(with_last_dim(x, out)), xa.view(with_last_dim(x, lora_A.size(0)))};
 }
 
 std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> lora_linear_backward(
@@ -307,11 +300,11 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> lora_linear_backwa
   const int64_t out = check_base(op, x, weight, std::nullopt);
   const Dropout d = check_adapter(op, x, lora_A, lora_B, out, dropout_p, seed);
   const int64_t rank = lora_A.size(0);
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(with_last(x, out)), op,
-                    ": grad_out must have the output's shape ", at::IntArrayRef(with_last(x, out)),
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(with_last_dim(x, out)), op,
+                    ": grad_out must have the output's shape ", at::IntArrayRef(with_last_dim(x, out)),
                     ", got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(xa.sizes() == at::IntArrayRef(with_last(x, rank)), op,
-                    ": xa must have shape ", at::IntArrayRef(with_last(x, rank)), ", got ",
+  TORCH_CHECK_VALUE(xa.sizes() == at::IntArrayRef(with_last_dim(x, rank)), op,
+                    ": xa must have shape ", at::IntArrayRef(with_last_dim(x, rank)), ", got ",
                     xa.sizes());
   check_same_dtype(op, x, "x", grad_out, "grad_out");
   check_same_dtype(op, x, "x", xa, "xa");

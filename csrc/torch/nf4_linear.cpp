@@ -6,7 +6,6 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -48,17 +47,6 @@ int64_t fused_max_tokens(DType dtype, bool backward) {
 constexpr int64_t kTileBytes = int64_t(8) << 20;
 
 int64_t element_size(DType dtype) { return dtype == DType::F32 ? 4 : 2; }
-
-// Rows of a flattened [..., features] tensor.
-int64_t leading_rows(const at::Tensor& t) {
-  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
-}
-
-std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
-  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
-  sizes.back() = last;
-  return sizes;
-}
 
 void check_features(const char* op, const char* arg, const at::Tensor& t, int64_t features,
                     const char* name) {
@@ -215,11 +203,7 @@ at::Tensor nf4_linear_forward(const char* op, const at::Tensor& x, const NF4View
   check_same_device(op, x, "x", w.packed, "packed");
   at::Tensor b;
   if (bias) {
-    check_dtype(op, "bias", *bias, x.scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.out_features, op,
-                      ": bias must have shape [", w.out_features, "] (out_features), got ",
-                      bias->sizes());
-    check_same_device(op, x, "x", *bias, "bias");
+    check_bias(op, x, *bias, w.out_features);
     b = bias->contiguous();
   }
   const int64_t tokens = leading_rows(x);
@@ -249,17 +233,6 @@ at::Tensor nf4_linear_backward_input(const char* op, const at::Tensor& dy, const
 }
 
 namespace {
-
-// The packed size ties the features an activation brings to the weight's shape:
-// say so in terms of that activation.
-void check_weight_fits(const char* op, const char* arg, const at::Tensor& t,
-                       const at::Tensor& packed, int64_t out_features, int64_t in_features) {
-  TORCH_CHECK_VALUE(packed.numel() == nf4_packed_bytes(out_features * in_features), op, ": ", arg,
-                    " gives a [", out_features, ", ", in_features,
-                    "] weight (out_features, in_features), which packs into ",
-                    nf4_packed_bytes(out_features * in_features), " bytes, but packed has ",
-                    packed.numel(), "; check ", arg, "'s last dimension (shape ", t.sizes(), ")");
-}
 
 at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                           int64_t blocksize, int64_t out_features,

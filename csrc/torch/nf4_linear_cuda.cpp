@@ -8,7 +8,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -23,35 +22,6 @@ namespace {
 // one tile, 4096 x 11008 in three. Not yet measured on a GPU (bench_lora_cuda.py
 // times the paths either side of kNF4MatvecMaxTokens); the GPU has the memory.
 constexpr int64_t kTileBytes = int64_t(32) << 20;
-
-// ---- the checks nf4_linear.cpp makes around nf4_view (same messages) ----
-
-int64_t leading_rows(const at::Tensor& t) {
-  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
-}
-
-std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
-  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
-  sizes.back() = last;
-  return sizes;
-}
-
-void check_weight_fits(const char* op, const char* arg, const at::Tensor& t,
-                       const at::Tensor& packed, int64_t out_features, int64_t in_features) {
-  TORCH_CHECK_VALUE(packed.numel() == nf4_packed_bytes(out_features * in_features), op, ": ", arg,
-                    " gives a [", out_features, ", ", in_features,
-                    "] weight (out_features, in_features), which packs into ",
-                    nf4_packed_bytes(out_features * in_features), " bytes, but packed has ",
-                    packed.numel(), "; check ", arg, "'s last dimension (shape ", t.sizes(), ")");
-}
-
-void check_bias(const char* op, const at::Tensor& x, const at::Tensor& bias, int64_t out_features) {
-  check_dtype(op, "bias", bias, x.scalar_type());
-  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == out_features, op,
-                    ": bias must have shape [", out_features, "] (out_features), got ",
-                    bias.sizes());
-  check_same_device(op, x, "x", bias, "bias");
-}
 
 // ---- the kernels' view of W ----
 

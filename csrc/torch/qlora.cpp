@@ -14,12 +14,6 @@
 namespace pykernels::binding {
 namespace {
 
-std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
-  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
-  sizes.back() = last;
-  return sizes;
-}
-
 std::tuple<at::Tensor, at::Tensor> qlora_linear_cpu(
     const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
     int64_t out_features, const std::optional<at::Tensor>& bias,
@@ -35,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> qlora_linear_cpu(
   const at::Tensor x2d = x.reshape({-1, x.size(-1)});
   const at::Tensor xa = lora::adapter_down(x2d, lora_A, d);
   lora::adapter_add_up(y.view({-1, out_features}), xa, lora_B, scale);
-  return {y, xa.view(with_last(x, lora_A.size(0)))};
+  return {y, xa.view(with_last_dim(x, lora_A.size(0)))};
 }
 
 std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> qlora_linear_backward_cpu(
@@ -52,11 +46,11 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> qlora_linear_backw
   const NF4View w = nf4_view(op, packed, absmax, blocksize, out_features, x.size(-1),
                              absmax_scale, absmax_code, absmax_offset);
   const int64_t rank = lora_A.size(0);
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(with_last(x, out_features)), op,
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(with_last_dim(x, out_features)), op,
                     ": grad_out must have the output's shape ",
-                    at::IntArrayRef(with_last(x, out_features)), ", got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(xa.sizes() == at::IntArrayRef(with_last(x, rank)), op,
-                    ": xa must have shape ", at::IntArrayRef(with_last(x, rank)), ", got ",
+                    at::IntArrayRef(with_last_dim(x, out_features)), ", got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(xa.sizes() == at::IntArrayRef(with_last_dim(x, rank)), op,
+                    ": xa must have shape ", at::IntArrayRef(with_last_dim(x, rank)), ", got ",
                     xa.sizes());
   const at::Tensor dy2d = grad_out.reshape({-1, out_features});
   const lora::AdapterGrads g =
