@@ -161,11 +161,48 @@ static void test_blockwise8_roundtrip() {
   }
 }
 
+// Values a few ulps around every midpoint and every 1/16 step of [-1, 1] (the
+// AVX-512 encoder's cell edges), plus a fine sweep: every path codes them as the
+// scalar path does. Each block starts with 1.0, so the values are scaled by 1.
+static void test_encode_near_edges() {
+  std::vector<float> edges(kNF4Midpoint, kNF4Midpoint + 15);
+  for (int c = 0; c <= 32; ++c) edges.push_back(-1.0f + float(c) / 16.0f);
+  std::vector<float> values;
+  for (float edge : edges) {
+    float below = edge, above = edge;
+    for (int step = 0; step < 8; ++step) {
+      values.push_back(below);
+      values.push_back(above);
+      below = std::nextafter(below, -2.0f);
+      above = std::nextafter(above, 2.0f);
+    }
+  }
+  for (int i = 0; i <= 100000; ++i) values.push_back(-1.0f + 2.0f * float(i) / 100000.0f);
+  const int64_t blocksize = 256;
+  std::vector<float> x;
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (x.size() % blocksize == 0) x.push_back(1.0f);
+    x.push_back(std::fmin(1.0f, std::fmax(-1.0f, values[i])));
+  }
+  const int64_t n = int64_t(x.size()), blocks = nf4_num_blocks(n, blocksize);
+  std::vector<uint8_t> ref(size_t(nf4_packed_bytes(n))), packed(ref.size());
+  std::vector<float> absmax(static_cast<size_t>(blocks));
+  cpu::nf4_quantize(SimdPath::Scalar, DType::F32, x.data(), n, blocksize, 0, blocks, ref.data(), absmax.data());
+  for (SimdPath path : {SimdPath::AVX2, SimdPath::AVX512}) {
+    if (!cpu::simd_path_supported(path)) continue;
+    cpu::nf4_quantize(path, DType::F32, x.data(), n, blocksize, 0, blocks, packed.data(), absmax.data());
+    for (int64_t i = 0; i < n; ++i)
+      CHECK(nf4_unpack(packed.data(), i) == nf4_unpack(ref.data(), i), "%s codes %.9g as %d, scalar as %d",
+            cpu::simd_path_name(path), x[size_t(i)], nf4_unpack(packed.data(), i), nf4_unpack(ref.data(), i));
+  }
+}
+
 int main() {
   test_half_conversions();
   test_zero_block_and_midpoints();
   test_not_finite_detected();
   test_paths_agree();
+  test_encode_near_edges();
   test_subnormal_blocks_decode_alike();
   test_blockwise8_roundtrip();
   std::printf("simd paths:");
