@@ -1,0 +1,388 @@
+"""The model wrapper (pykernels.wrap): configs, targeting, the parameter report,
+named adapters, merging, our adapter files, peft's files both ways on SmolLM2,
+DDP (gloo, 2 CPU processes) against one process, and torch.compile."""
+import copy
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+
+import pykernels
+from pykernels import AdapterModel, LoRAConfig, QLoRAConfig, wrap
+from pykernels.adapters import AdapterConfig, read_adapter
+from pykernels.nn import LoRALinear, NF4Linear, QLoRALinear
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def tokens(vocab=128, shape=(2, 9), seed=1):
+    return torch.randint(vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def randomize(wrapped, seed, name=None):
+    """Nonzero B (and a new A), so an adapter changes the output and a test can fail."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in wrapped.adapter_tensors(name).values():
+            param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+
+
+def count(model, cls):
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+# -- configs and targeting ------------------------------------------------------------
+
+
+def test_config_json_round_trip():
+    for config in (LoRAConfig(r=4, alpha=8, dropout=0.1, use_rslora=True, target_modules=["q_proj"]),
+                   QLoRAConfig(target_modules=r".*\.mlp\..*", blocksize=128, double_quant=False,
+                               compute_dtype="bfloat16", adapter_dtype="float32")):
+        text = json.dumps(config.to_dict())
+        assert AdapterConfig.from_dict(json.loads(text)) == config
+    assert LoRAConfig(target_modules=("v_proj", "q_proj")).target_modules == ["q_proj", "v_proj"]
+
+
+def test_config_bad_input():
+    with pytest.raises(ValueError, match="unknown adapter method 'nope'"):
+        AdapterConfig.from_dict({"method": "nope"})
+    with pytest.raises(ValueError, match="unknown fields \\['rank'\\]"):
+        AdapterConfig.from_dict({"method": "lora", "rank": 4})
+    with pytest.raises(ValueError, match="compute_dtype"):
+        QLoRAConfig(compute_dtype="int8")
+    with pytest.raises(TypeError, match="target_modules"):
+        LoRAConfig(target_modules=[1, 2])
+    with pytest.raises(TypeError, match="expected an AdapterConfig"):
+        wrap(tiny_llama(), {"method": "lora"})
+
+
+def test_targets_default_exact_and_regex():
+    assert count(wrap(tiny_llama(), LoRAConfig()), LoRALinear) == 2 * 7
+    exact = wrap(tiny_llama(), LoRAConfig(target_modules=["q_proj", "model.layers.1.mlp.up_proj"]))
+    assert sorted(p for p, m in exact.named_modules() if isinstance(m, LoRALinear)) == [
+        "base_model.model.layers.0.self_attn.q_proj", "base_model.model.layers.1.mlp.up_proj",
+        "base_model.model.layers.1.self_attn.q_proj"]
+    regex = wrap(tiny_llama(), LoRAConfig(target_modules=r"model\.layers\.0\.self_attn\.[qv]_proj"))
+    assert count(regex, LoRALinear) == 2
+    with pytest.raises(ValueError, match="matched no Linear module"):
+        wrap(tiny_llama(), LoRAConfig(target_modules=["qproj"]))
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="target_modules is required"):
+        wrap(mlp, LoRAConfig())
+    assert count(wrap(mlp, LoRAConfig(target_modules=["0", "2"])), LoRALinear) == 2
+
+
+def test_trainable_parameter_report(capsys):
+    model = tiny_llama()
+    total = sum(p.numel() for p in model.parameters())
+    wrapped = wrap(model, LoRAConfig(r=4, target_modules=ATTENTION))
+    lora = sum(4 * (m.in_features + m.out_features) for m in wrapped.modules() if isinstance(m, LoRALinear))
+    assert wrapped.trainable_parameters() == (lora, total + lora)
+    assert all(("lora_" in n) == p.requires_grad for n, p in wrapped.named_parameters())
+    wrapped.print_trainable_parameters()
+    assert capsys.readouterr().out.strip() == (
+        f"trainable params: {lora:,d} || all params: {total + lora:,d} || "
+        f"trainable%: {100 * lora / (total + lora):.4f}")
+    # QLoRA: an NF4 weight counts as its elements, so the total stays the same.
+    q = wrap(tiny_llama(), QLoRAConfig(r=4, target_modules=ATTENTION))
+    assert q.trainable_parameters() == (lora, total + lora)
+
+
+# -- running, merging, named adapters -------------------------------------------------------
+
+
+def test_lora_forward_train_and_merge():
+    model, ids = tiny_llama(), tokens()
+    base = logits(model, ids)
+    wrapped = wrap(model, LoRAConfig(r=4, alpha=8))
+    torch.testing.assert_close(logits(wrapped, ids), base, rtol=0, atol=0)  # B = 0: no change
+    randomize(wrapped, 0)
+    adapted = logits(wrapped, ids)
+    assert (adapted - base).abs().max() > 1e-3
+    wrapped.train()
+    wrapped(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    grads = {n: p.grad for n, p in wrapped.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    wrapped.eval()
+    merged = wrapped.merge_and_unload()
+    assert count(merged, LoRALinear) == 0 and merged is model
+    torch.testing.assert_close(logits(merged, ids), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_qlora_wrap_and_merge_into_dense():
+    model, ids = tiny_llama(), tokens()
+    wrapped = wrap(model, QLoRAConfig(r=4, blocksize=32))
+    assert count(wrapped, QLoRALinear) == 14 and count(wrapped, NF4Linear) == 14
+    assert [p for p, m in wrapped.named_modules()
+            if isinstance(m, nn.Linear) and "lora_" not in p] == ["base_model.lm_head"]
+    assert all(m.base_layer.blocksize == 32 for m in wrapped.modules() if isinstance(m, QLoRALinear))
+    randomize(wrapped, 0)
+    adapted = logits(wrapped, ids)
+    merged = wrapped.merge_and_unload()
+    assert count(merged, NF4Linear) == 0 and count(merged, nn.Linear) == 15
+    torch.testing.assert_close(logits(merged, ids), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_qlora_compute_and_adapter_dtype():
+    wrapped = wrap(tiny_llama(), QLoRAConfig(r=4, compute_dtype="bfloat16", adapter_dtype="float32"))
+    layer = wrapped.base_model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.base_layer.weight_dtype == torch.bfloat16
+    assert wrapped.base_model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert logits(wrapped, tokens()).dtype == torch.bfloat16
+
+
+def test_named_adapters_add_switch_delete():
+    model, ids = tiny_llama(), tokens()
+    base = logits(model, ids)
+    wrapped = wrap(model, LoRAConfig(r=4), adapter_name="a")
+    randomize(wrapped, 0)
+    a_params = list(wrapped.adapter_tensors().values())
+    a = logits(wrapped, ids)
+    wrapped.add_adapter("b", LoRAConfig(r=2, target_modules=["v_proj"]))
+    assert wrapped.active_adapter == "a" and wrapped.adapters == ["a", "b"]
+    torch.testing.assert_close(logits(wrapped, ids), a, rtol=0, atol=0)
+    randomize(wrapped, 1, "b")
+    wrapped.set_adapter("b")
+    assert count(wrapped, LoRALinear) == 2
+    assert all(not p.requires_grad for n, p in wrapped.named_parameters() if "lora_" not in n)
+    b = logits(wrapped, ids)
+    assert (b - a).abs().max() > 1e-3 and (b - base).abs().max() > 1e-3
+    wrapped.set_adapter("a")  # the same Parameter objects come back (an optimizer keeps them)
+    assert all(x is y for x, y in zip(wrapped.adapter_tensors().values(), a_params))
+    torch.testing.assert_close(logits(wrapped, ids), a, rtol=0, atol=0)
+    wrapped.train()  # reaches "b", which is not in the model now
+    wrapped.set_adapter("b")
+    assert all(m.training for m in wrapped.modules() if isinstance(m, LoRALinear))
+    wrapped.eval()
+    wrapped.delete_adapter("b")
+    assert wrapped.active_adapter is None and count(wrapped, LoRALinear) == 0
+    torch.testing.assert_close(logits(wrapped, ids), base, rtol=0, atol=0)
+    with pytest.raises(KeyError, match="no adapter named 'b'"):
+        wrapped.set_adapter("b")
+    with pytest.raises(ValueError, match="an adapter named 'a' exists"):
+        wrapped.add_adapter("a", LoRAConfig())
+    with pytest.raises(ValueError, match="matched no"):  # a failed add leaves the model as it was
+        wrapped.add_adapter("c", LoRAConfig(target_modules=["nope"]))
+    assert wrapped.adapters == ["a"] and count(wrapped, LoRALinear) == 0
+
+
+def test_to_dtype_reaches_inactive_adapters():
+    wrapped = wrap(tiny_llama(), LoRAConfig(r=2), adapter_name="a")
+    wrapped.add_adapter("b", LoRAConfig(r=2))
+    wrapped.to(torch.float64)
+    wrapped.set_adapter("b")
+    assert {p.dtype for p in wrapped.parameters()} == {torch.float64}
+    assert logits(wrapped, tokens()).dtype == torch.float64
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def test_hybrid_save_load_round_trip(tmp_path):
+    ids = tokens()
+    hybrid = [LoRAConfig(r=4, target_modules=ATTENTION), QLoRAConfig(r=2, target_modules=MLP)]
+    wrapped = wrap(tiny_llama(), hybrid)
+    randomize(wrapped, 0)
+    expected = logits(wrapped, ids)
+    wrapped.save_adapter(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["adapter.json", "adapter.safetensors"]
+    configs, tensors = read_adapter(str(tmp_path))
+    assert configs == wrapped.adapter_configs["default"]
+    assert set(tensors) == set(wrapped.adapter_tensors())
+    loaded = AdapterModel.from_pretrained(tiny_llama(), str(tmp_path))
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=0)
+    loaded.load_adapter(str(tmp_path), "copy")
+    loaded.set_adapter("copy")
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="peft holds one method per adapter"):
+        wrapped.save_adapter(str(tmp_path), format="peft")
+
+
+def test_load_bad_input(tmp_path):
+    wrapped = wrap(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj"]))
+    wrapped.save_adapter(str(tmp_path))
+    with open(tmp_path / "adapter.json") as f:
+        meta = json.load(f)
+    meta["configs"][0]["r"] = 2
+    with open(tmp_path / "adapter.json", "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match="lora_A.weight has shape \\(4, 64\\), the model expects \\(2, 64\\)"):
+        AdapterModel.from_pretrained(tiny_llama(), str(tmp_path))
+    meta["configs"][0].update(r=4, target_modules=["q_proj", "v_proj"])
+    with open(tmp_path / "adapter.json", "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match="missing .*v_proj"):
+        wrapped.load_adapter(str(tmp_path), "other")
+    assert wrapped.adapters == ["default"]
+    with pytest.raises(FileNotFoundError, match="neither adapter.json"):
+        read_adapter(str(tmp_path / "nowhere"))
+    wrapped.save_adapter(str(tmp_path / "peft"), format="peft")
+    with open(tmp_path / "peft" / "adapter_config.json") as f:
+        config = json.load(f)
+    config["use_dora"] = True
+    with open(tmp_path / "peft" / "adapter_config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        read_adapter(str(tmp_path / "peft"))
+
+
+# -- peft's format on SmolLM2 (the real model, offline) -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M, shared: each test adapts it in place and unloads in the end
+    (a deep copy costs seconds)."""
+    from pykernels.models import load_model
+    model, tokenizer = load_model("smollm2")
+    ids = tokenizer("The capital of France is Paris, and the capital of Italy is",
+                    return_tensors="pt").input_ids
+    return model, ids, logits(model, ids)
+
+
+def test_peft_saved_lora_loads_here(smollm2, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    base, ids, base_logits = smollm2
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, use_rslora=True,
+                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
+    try:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+        peft_model.save_pretrained(str(tmp_path))
+        expected = logits(peft_model.eval(), ids)
+    finally:
+        peft_model.unload()
+    ours = AdapterModel.from_pretrained(base, str(tmp_path))
+    try:
+        config = ours.adapter_configs["default"][0]
+        assert (type(config), config.r, config.alpha, config.use_rslora) == (LoRAConfig, 4, 8, True)
+        assert sorted(config.target_modules) == ["down_proj", "q_proj", "v_proj"]
+        got = logits(ours, ids)
+    finally:
+        ours.unload()
+    assert (got - base_logits).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_ours_saved_in_peft_format_loads_in_peft(smollm2, tmp_path):
+    from peft import PeftModel
+    base, ids, base_logits = smollm2
+    wrapped = wrap(base, LoRAConfig(r=4, alpha=16))
+    try:
+        randomize(wrapped, 0)
+        expected = logits(wrapped, ids)
+        wrapped.save_adapter(str(tmp_path), format="peft")
+    finally:
+        wrapped.unload()
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    try:
+        assert sum("lora_B" in n for n, _ in peft_model.named_parameters()) == 30 * 7
+        got = logits(peft_model, ids)
+    finally:
+        peft_model.unload()
+    assert (got - base_logits).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+# -- torch.distributed and torch.compile ------------------------------------------------------
+
+
+class TinyLM(nn.Module):
+    """A model small enough to spawn twice: embedding, one MLP block, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.up_proj = nn.Linear(16, 24)
+        self.down_proj = nn.Linear(24, 16)
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.head(h + self.down_proj(torch.relu(self.up_proj(h))))
+
+
+DDP_STEPS, DDP_LR = 6, 0.5
+
+
+def ddp_batch():
+    return tokens(32, (8, 12), seed=3)
+
+
+def train_tiny(module, ids):
+    """SGD on next-token loss (mean over this process's rows); returns nothing."""
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=DDP_LR)
+    for _ in range(DDP_STEPS):
+        optimizer.zero_grad()
+        out = module(ids[:, :-1])
+        nn.functional.cross_entropy(out.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        optimizer.step()
+
+
+def tiny_wrapped():
+    torch.manual_seed(0)
+    return wrap(TinyLM(), LoRAConfig(r=4, target_modules=["up_proj", "down_proj"]))
+
+
+def ddp_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.nn.parallel import DistributedDataParallel
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        wrapped = tiny_wrapped()
+        train_tiny(DistributedDataParallel(wrapped), ddp_batch().chunk(world)[rank])
+        if rank == 0:
+            save_file({k: v.detach() for k, v in wrapped.adapter_tensors().items()}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gloo_two_processes_match_one(tmp_path):
+    from safetensors.torch import load_file
+    out_file = str(tmp_path / "ddp.safetensors")
+    torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / "init"), out_file), nprocs=2)
+    single = tiny_wrapped()
+    before = {k: v.detach().clone() for k, v in single.adapter_tensors().items()}
+    train_tiny(single, ddp_batch())
+    ddp = load_file(out_file)
+    assert set(ddp) == set(before) and len(before) == 4
+    for key, value in single.adapter_tensors().items():
+        assert (value - before[key]).abs().max() > 1e-3, key  # training moved it
+        torch.testing.assert_close(ddp[key], value.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [LoRAConfig(r=4, dropout=0.1), QLoRAConfig(r=4, dropout=0.1)],
+                         ids=["lora", "qlora"])
+def test_compile_without_graph_breaks(config):
+    wrapped = wrap(tiny_llama(), config)
+    randomize(wrapped, 0)
+    ids = tokens()
+    explanation = torch._dynamo.explain(wrapped)(input_ids=ids, use_cache=False)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(wrapped, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(logits(compiled, ids), logits(wrapped, ids), rtol=1e-5, atol=1e-5)
+    wrapped.train()
+    compiled(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert all(p.grad is not None for p in wrapped.adapter_tensors().values())
