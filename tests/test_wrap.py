@@ -1,10 +1,10 @@
 """The model wrapper (pykernels.wrap): configs, targeting, the parameter report,
 named adapters, merging, our adapter files, peft's files both ways on SmolLM2,
 DDP (gloo, 2 CPU processes) against one process, and torch.compile."""
-import copy
+import dataclasses
 import json
 import os
-import tempfile
+from typing import ClassVar
 
 import pytest
 import torch
@@ -12,17 +12,17 @@ from torch import nn
 
 import pykernels
 from pykernels import AdapterModel, LoRAConfig, QLoRAConfig, wrap
-from pykernels.adapters import AdapterConfig, read_adapter
+from pykernels.adapters import AdapterConfig, AdapterMethod, read_adapter, registry
 from pykernels.nn import LoRALinear, NF4Linear, QLoRALinear
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_llama(seed=0):
+def tiny_llama(seed=0, layers=2):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(config).eval()
 
@@ -257,6 +257,63 @@ def test_load_bad_input(tmp_path):
         read_adapter(str(tmp_path / "peft"))
 
 
+# -- the method registry: a method plugs in without touching the wrapper ---------------------
+
+
+@dataclasses.dataclass
+class OutputScaleConfig(AdapterConfig):
+    method: ClassVar[str] = "test_output_scale"
+
+
+class OutputScale(nn.Module):
+    """A toy adapted layer (IA³-shaped): y = l ⊙ (W·x + b), l starting at 1."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.scale_l = nn.Parameter(torch.ones(base.out_features))
+
+    def forward(self, x):
+        return self.base_layer(x) * self.scale_l
+
+
+class OutputScaleMethod(AdapterMethod):
+    config_class = OutputScaleConfig
+    can_merge = True
+
+    def build(self, module, config):
+        return OutputScale(module)
+
+    @torch.no_grad()
+    def merge(self, replacement):
+        linear, scale = replacement.original, replacement.adapted.scale_l
+        linear.weight.mul_(scale[:, None])
+        if linear.bias is not None:
+            linear.bias.mul_(scale)
+        return linear
+
+
+def test_registry_new_method_in_a_hybrid(tmp_path, monkeypatch):
+    monkeypatch.setitem(registry._METHODS, OutputScaleConfig.method, OutputScaleMethod())
+    ids = tokens()
+    hybrid = [OutputScaleConfig(target_modules=["k_proj", "v_proj"]), LoRAConfig(r=2, target_modules=ATTENTION)]
+    wrapped = wrap(tiny_llama(), hybrid)
+    assert count(wrapped, OutputScale) == 4 and count(wrapped, LoRALinear) == 4  # q and o only
+    names = list(wrapped.adapter_tensors())
+    assert len(names) == 4 + 8 and sum(n.endswith(".self_attn.v_proj.scale_l") for n in names) == 2
+    randomize(wrapped, 0)
+    expected = logits(wrapped, ids)
+    wrapped.save_adapter(str(tmp_path))
+    wrapped.add_adapter("scale_only", OutputScaleConfig(target_modules=["v_proj"]))
+    with pytest.raises(NotImplementedError, match="no peft format"):
+        wrapped.save_adapter(str(tmp_path / "peft"), "scale_only", format="peft")
+    loaded = AdapterModel.from_pretrained(tiny_llama(), str(tmp_path))
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=0)
+    merged = loaded.merge_and_unload()
+    assert count(merged, OutputScale) == 0 and count(merged, LoRALinear) == 0
+    torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-4, atol=1e-5)
+
+
 # -- peft's format on SmolLM2 (the real model, offline) -----------------------------------------
 
 
@@ -376,7 +433,10 @@ def ddp_worker(rank, world, init_file, out_file):
 def test_ddp_gloo_two_processes_match_one(tmp_path):
     from safetensors.torch import load_file
     out_file = str(tmp_path / "ddp.safetensors")
-    torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / "init"), out_file), nprocs=2)
+    # fork: the workers start at once instead of importing torch again (~5 s each
+    # on a busy machine); they run with one thread, so no OpenMP pool crosses the fork.
+    torch.multiprocessing.start_processes(ddp_worker, args=(2, str(tmp_path / "init"), out_file),
+                                          nprocs=2, start_method="fork")
     single = tiny_wrapped()
     before = {k: v.detach().clone() for k, v in single.adapter_tensors().items()}
     train_tiny(single, ddp_batch())
@@ -394,7 +454,7 @@ def test_compile_fullgraph_forward_backward(config):
     ids = tokens()
     runs = []
     for compiled in (False, True):
-        wrapped = wrap(tiny_llama(), config).train()
+        wrapped = wrap(tiny_llama(layers=1), config).train()
         randomize(wrapped, 0)
         run = torch.compile(wrapped, backend="aot_eager", fullgraph=True) if compiled else wrapped
         loss = run(input_ids=ids, labels=ids, use_cache=False).loss
