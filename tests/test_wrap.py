@@ -69,8 +69,12 @@ def test_config_bad_input():
         QLoRAConfig(compute_dtype="int8")
     with pytest.raises(TypeError, match="target_modules"):
         LoRAConfig(target_modules=[1, 2])
+    model = tiny_llama()
     with pytest.raises(TypeError, match="expected an AdapterConfig"):
-        wrap(tiny_llama(), {"method": "lora"})
+        wrap(model, {"method": "lora"})
+    with pytest.raises(ValueError, match="r must be >= 1"):
+        wrap(model, LoRAConfig(r=0))
+    assert count(model, LoRALinear) == 0  # a failed wrap leaves the model as it was
 
 
 def test_targets_default_exact_and_regex():
@@ -464,3 +468,18 @@ def test_compile_fullgraph_forward_backward(config):
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     for got, expected in zip(grads, eager_grads):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_wrapped_llama_on_cuda_bf16():
+    # LoRA only: the qlora_linear op has no CUDA implementation yet.
+    ids = tokens().cuda()
+    for config in (LoRAConfig(r=4), LoRAConfig(r=2, dropout=0.1, target_modules=MLP)):
+        wrapped = wrap(tiny_llama().to(torch.bfloat16), config).cuda()
+        randomize(wrapped, 0)
+        wrapped.train()
+        wrapped(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        assert all(p.grad is not None and p.grad.is_cuda for p in wrapped.adapter_tensors().values())
+        wrapped.eval()
+        adapted = logits(wrapped, ids)
+        torch.testing.assert_close(logits(wrapped.merge_and_unload(), ids), adapted, rtol=2e-2, atol=2e-2)

@@ -49,11 +49,15 @@ class QLoRAConfig(LoRAConfig):
 # peft LoraConfig fields whose non-default values change the model in ways this
 # reader does not reproduce; a file using one is refused rather than misread.
 _PEFT_LORA_UNSUPPORTED = {
-    "use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
-    "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+    "use_dora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
+    "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
     "exclude_modules": None, "layer_replication": None, "target_parameters": None,
     "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None,
 }
+# Those that peft versions long before 0.21 know too: the ones we write, so that
+# older peft reads our files as well.
+_PEFT_LORA_WRITTEN = ("use_dora", "fan_in_fan_out", "bias", "modules_to_save",
+                      "layers_to_transform", "rank_pattern", "alpha_pattern")
 
 
 class LoRAMethod(AdapterMethod):
@@ -75,7 +79,7 @@ class LoRAMethod(AdapterMethod):
         return {"peft_type": "LORA", "task_type": None, "r": config.r, "lora_alpha": config.alpha,
                 "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
                 "target_modules": config.target_modules, "init_lora_weights": True,
-                "inference_mode": True, **_PEFT_LORA_UNSUPPORTED}
+                "inference_mode": True, **{k: _PEFT_LORA_UNSUPPORTED[k] for k in _PEFT_LORA_WRITTEN}}
 
     def from_peft_config(self, data: dict, quantized: bool = False, **qlora: Any) -> LoRAConfig:
         """peft's LoRA config as ours; ``quantized``: as a QLoRAConfig (peft's file
@@ -84,6 +88,9 @@ class LoRAMethod(AdapterMethod):
             value = data.get(key, default)
             if value != default and value not in (None, {}, [], False, "none"):
                 raise ValueError(f"peft LoRA config: {key}={value!r} is not supported (expected {default!r})")
+        if not data.get("target_modules"):
+            raise ValueError("peft LoRA config: target_modules is missing (expected the list or regex "
+                             "peft resolved when it saved)")
         fields = {"r": data.get("r", 8), "alpha": data.get("lora_alpha", 8),
                   "dropout": data.get("lora_dropout", 0.0), "use_rslora": data.get("use_rslora", False),
                   "target_modules": data.get("target_modules")}
