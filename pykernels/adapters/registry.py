@@ -27,8 +27,10 @@ Adding a method (IA³, bottleneck adapters, prompt tuning, multi-LoRA):
    ``base_model.model.<our key>`` (prompt tuning: ``prompt_embeddings``; IA³'s
    ``<path>.ia3_l`` fits the default when the layer's parameter is ``ia3_l``).
 4. several resident adapters in one layer, chosen per batch row (multi-LoRA):
-   the method's layer owns them (add/delete/set_adapter on MultiLoRALinear);
-   the wrapper's named adapters sit one level above and need nothing new.
+   the method's layer owns them (add/delete/set_adapter on MultiLoRALinear),
+   and ``prepare_inputs`` takes the per-row adapter ids out of the call's
+   arguments and hands them to its layers; the wrapper's named adapters sit one
+   level above and need nothing new.
 
 Our tensor names are ``<module path>.<parameter name inside the adapted
 layer>`` for every parameter the adapted layer has and its base does not, so a
