@@ -12,7 +12,7 @@ from torch import nn
 
 import pykernels
 from pykernels import AdapterModel, LoRAConfig, QLoRAConfig, wrap
-from pykernels.adapters import AdapterConfig, AdapterMethod, read_adapter, registry
+from pykernels.adapters import AdapterConfig, AdapterMethod, Replacement, read_adapter, registry
 from pykernels.nn import LoRALinear, NF4Linear, QLoRALinear
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -316,6 +316,72 @@ def test_registry_new_method_in_a_hybrid(tmp_path, monkeypatch):
     merged = loaded.merge_and_unload()
     assert count(merged, OutputScale) == 0 and count(merged, LoRALinear) == 0
     torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-4, atol=1e-5)
+
+
+@dataclasses.dataclass
+class VirtualTokensConfig(AdapterConfig):
+    method: ClassVar[str] = "test_virtual_tokens"
+    num_virtual_tokens: int = 3
+
+
+class VirtualTokens(nn.Module):
+    """A toy prompt-tuning layer: passes the input embedding through and holds
+    the virtual tokens' embeddings, which the method prepends."""
+
+    def __init__(self, embedding, n):
+        super().__init__()
+        self.embedding = embedding
+        self.prompt = nn.Parameter(torch.zeros(n, embedding.embedding_dim))
+
+    def forward(self, ids):
+        return self.embedding(ids)
+
+
+class VirtualTokensMethod(AdapterMethod):
+    config_class = VirtualTokensConfig
+
+    def resolve(self, model, config):
+        return config
+
+    def attach(self, model, config, skip=()):
+        embedding = model.get_input_embeddings()
+        path = next(p for p, m in model.named_modules() if m is embedding)
+        rep = Replacement(path, embedding, VirtualTokens(embedding, config.num_virtual_tokens))
+        model.set_submodule(path, rep.adapted)
+        return [rep]
+
+    def prepare_inputs(self, replacements, config, args, kwargs):
+        ids = kwargs.pop("input_ids")
+        embeds = replacements[0].adapted(ids)
+        prompt = replacements[0].adapted.prompt.expand(ids.shape[0], -1, -1)
+        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+        if kwargs.get("labels") is not None:
+            pad = kwargs["labels"].new_full(prompt.shape[:2], -100)
+            kwargs["labels"] = torch.cat([pad, kwargs["labels"]], dim=1)
+        return args, kwargs
+
+
+def test_registry_input_rewriting_method_prompt_plus_lora(tmp_path, monkeypatch):
+    """The prompt tuning + LoRA hybrid, with a toy prompt method: virtual tokens
+    set to real tokens' embeddings reproduce the base model on the joined input."""
+    monkeypatch.setitem(registry._METHODS, VirtualTokensConfig.method, VirtualTokensMethod())
+    model, ids, prefix = tiny_llama(), tokens(), tokens(shape=(1, 3), seed=5)
+    joined = logits(model, torch.cat([prefix.expand(2, -1), ids], dim=1))
+    wrapped = wrap(model, [VirtualTokensConfig(), LoRAConfig(r=2, target_modules=["v_proj"])])
+    with torch.no_grad():
+        wrapped.adapter_tensors()["model.embed_tokens.prompt"].copy_(model.model.embed_tokens(prefix[0]))
+    torch.testing.assert_close(logits(wrapped, ids)[:, 3:], joined[:, 3:], rtol=1e-5, atol=1e-5)
+    randomize(wrapped, 0)
+    wrapped.train()
+    wrapped(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert all(p.grad is not None for p in wrapped.adapter_tensors().values())
+    wrapped.eval()
+    expected = logits(wrapped, ids)
+    wrapped.save_adapter(str(tmp_path))
+    loaded = AdapterModel.from_pretrained(tiny_llama(), str(tmp_path))
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="test_virtual_tokens adapters cannot be merged"):
+        loaded.merge_and_unload()
 
 
 # -- peft's format on SmolLM2 (the real model, offline) -----------------------------------------
