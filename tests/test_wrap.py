@@ -254,10 +254,16 @@ def test_load_bad_input(tmp_path):
     wrapped.save_adapter(str(tmp_path / "peft"), format="peft")
     with open(tmp_path / "peft" / "adapter_config.json") as f:
         config = json.load(f)
-    config["use_dora"] = True
+    config["use_dora"] = True  # the file is refused, not misread
     with open(tmp_path / "peft" / "adapter_config.json", "w") as f:
         json.dump(config, f)
     with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        read_adapter(str(tmp_path / "peft"))
+    config["use_dora"] = False
+    with open(tmp_path / "peft" / "adapter_config.json", "w") as f:
+        json.dump(config, f)
+    os.remove(tmp_path / "peft" / "adapter_model.safetensors")
+    with pytest.raises(FileNotFoundError, match="adapter_model.bin files are not read"):
         read_adapter(str(tmp_path / "peft"))
 
 

@@ -311,7 +311,10 @@ def read_adapter(directory: str, **options) -> tuple[list[AdapterConfig], dict[s
             data = json.load(f)
         method = method_for_peft_type(data.get("peft_type"))
         config = method.from_peft_config(data, **options)
-        tensors = load_file(os.path.join(directory, PEFT_WEIGHTS))
+        weights = os.path.join(directory, PEFT_WEIGHTS)
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"{weights} is missing (pickled adapter_model.bin files are not read)")
+        tensors = load_file(weights)
         return [config], {method.key_from_peft(k): v for k, v in tensors.items()}
     raise FileNotFoundError(f"{directory}: neither {OURS_CONFIG} (pykernels) nor {PEFT_CONFIG} (peft)")
 
