@@ -233,35 +233,33 @@ def test_qlora_through_peft_format(tmp_path):
     torch.testing.assert_close(logits(loaded, ids), logits(wrapped, ids), rtol=0, atol=0)
 
 
+def edit_json(path, edit):
+    with open(path) as f:
+        data = json.load(f)
+    edit(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
 def test_load_bad_input(tmp_path):
     wrapped = wrap(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj"]))
     wrapped.save_adapter(str(tmp_path))
-    with open(tmp_path / "adapter.json") as f:
-        meta = json.load(f)
-    meta["configs"][0]["r"] = 2
-    with open(tmp_path / "adapter.json", "w") as f:
-        json.dump(meta, f)
+    ours = tmp_path / "adapter.json"
+    edit_json(ours, lambda meta: meta["configs"][0].update(r=2))
     with pytest.raises(ValueError, match="lora_A.weight has shape \\(4, 64\\), the model expects \\(2, 64\\)"):
         AdapterModel.from_pretrained(tiny_llama(), str(tmp_path))
-    meta["configs"][0].update(r=4, target_modules=["q_proj", "v_proj"])
-    with open(tmp_path / "adapter.json", "w") as f:
-        json.dump(meta, f)
+    edit_json(ours, lambda meta: meta["configs"][0].update(r=4, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ValueError, match="missing .*v_proj"):
         wrapped.load_adapter(str(tmp_path), "other")
     assert wrapped.adapters == ["default"]
     with pytest.raises(FileNotFoundError, match="neither adapter.json"):
         read_adapter(str(tmp_path / "nowhere"))
     wrapped.save_adapter(str(tmp_path / "peft"), format="peft")
-    with open(tmp_path / "peft" / "adapter_config.json") as f:
-        config = json.load(f)
-    config["use_dora"] = True  # the file is refused, not misread
-    with open(tmp_path / "peft" / "adapter_config.json", "w") as f:
-        json.dump(config, f)
+    peft = tmp_path / "peft" / "adapter_config.json"
+    edit_json(peft, lambda config: config.update(use_dora=True))  # refused, not misread
     with pytest.raises(ValueError, match="use_dora=True is not supported"):
         read_adapter(str(tmp_path / "peft"))
-    config["use_dora"] = False
-    with open(tmp_path / "peft" / "adapter_config.json", "w") as f:
-        json.dump(config, f)
+    edit_json(peft, lambda config: config.update(use_dora=False))
     os.remove(tmp_path / "peft" / "adapter_model.safetensors")
     with pytest.raises(FileNotFoundError, match="adapter_model.bin files are not read"):
         read_adapter(str(tmp_path / "peft"))
