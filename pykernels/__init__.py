@@ -11,3 +11,6 @@ from .nf4 import NF4Tensor
 
 __all__ = ["NF4Tensor", "ops"]
 __version__ = "0.1.0"
+from .adapters import AdapterModel, LoRAConfig, QLoRAConfig, wrap
+
+__all__ += ["AdapterModel", "LoRAConfig", "QLoRAConfig", "wrap"]
