@@ -1,0 +1,134 @@
+"""Multi-LoRA on the CPU, serving: one layer holding 16 adapters, each batch row
+on a random one (or the base), vs the same layer with one adapter, vs peft's
+mixed-batch path (``adapter_names=[...]``) on the same weights, vs the base alone.
+
+Targets (the "ratio" rows, from peers timed in the same run):
+- 16 adapters at most 1.05x the same layer with ONE adapter (every row on it);
+- faster than peft's adapter_names path (peft / pykernels >= 1).
+
+Shapes: a 4096x4096 layer (1024x1024 with --quick), r = 16, alpha = 32, 512
+tokens as a decode batch (512 rows x 1 token) and a prefill batch (8 rows x 64
+tokens); ids uniform over the 16 adapters and -1 (base only); bf16 and fp32; eval
+mode, no grad. One dense base, shared by every side (peft's holds a copy).
+With --threads 1 the times are that thread's CPU time (what the code costs
+whatever else runs on this shared machine), else wall time.
+
+    python bench/bench_multi_lora.py [--quick] [--threads 1] [--out DIR]
+"""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+
+import common  # first: it quiets the peers' import-time logging
+
+import peft  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pykernels.nn import MultiLoRALinear  # noqa: E402
+
+RANK, ALPHA, ADAPTERS = 16, 32, 16
+DTYPES = (torch.bfloat16, torch.float32)
+SHAPES = {"decode": (512, 1), "prefill": (8, 64)}
+BASE, ONE, MANY, PEFT = "base nn.Linear", "pykernels 1 adapter", "pykernels 16 adapters", "peft 16 adapters"
+
+
+class _Model(nn.Module):
+    """The smallest model peft wraps: one target linear named ``proj``."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x, **kwargs):
+        return self.proj(x, **kwargs)
+
+
+def _layers(d: int, dtype: torch.dtype):
+    """(base, ours with 16 adapters, ours with adapter 0 alone, peft with the 16)."""
+    base = nn.Linear(d, d, dtype=dtype).requires_grad_(False)
+    many = MultiLoRALinear(base)
+    one = MultiLoRALinear(base)
+    for i in range(ADAPTERS):
+        name = f"t{i}"
+        many.add_adapter(name, r=RANK, alpha=ALPHA)
+        nn.init.normal_(many.lora_B[name].weight, std=0.02)
+    one.add_adapter("t0", r=RANK, alpha=ALPHA)
+    one.load_state_dict({k: v for k, v in many.state_dict().items() if "t0" in k or "base" in k})
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_Model(copy.deepcopy(base)), config, adapter_name="t0",
+                                     autocast_adapter_dtype=False)
+        for i in range(1, ADAPTERS):
+            theirs.add_adapter(f"t{i}", config)
+    layer = theirs.base_model.model.proj
+    with torch.no_grad():
+        for name in many.adapter_names:
+            layer.lora_A[name].weight.copy_(many.lora_A[name].weight)
+            layer.lora_B[name].weight.copy_(many.lora_B[name].weight)
+    for module in (many, one, theirs):
+        module.eval()
+    return base, many, one, theirs
+
+
+def bench_forward(d: int, dtype: torch.dtype, shape: str, min_time: float) -> list[dict]:
+    rows_n, tokens = SHAPES[shape]
+    base, many, one, theirs = _layers(d, dtype)
+    x = torch.randn(rows_n, tokens, d, dtype=dtype)
+    ids = torch.randint(-1, ADAPTERS, (rows_n,))
+    names = ["__base__" if i < 0 else f"t{i}" for i in ids.tolist()]
+    one_ids = torch.zeros(rows_n, dtype=torch.int64)
+    with torch.no_grad():
+        want = theirs(x, adapter_names=names).float()
+        err = (many(x, adapter_ids=ids).float() - want).abs().max().item()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    if err > tol * (1 + want.abs().max().item()):  # timing a wrong answer is worse than none
+        raise RuntimeError(f"bench_multi_lora: pykernels and peft differ by {err:.3g}")
+    fns = {BASE: lambda: base(x), ONE: lambda: one(x, adapter_ids=one_ids),
+           MANY: lambda: many(x, adapter_ids=ids),
+           PEFT: lambda: theirs(x, adapter_names=names)}
+    one_thread = torch.get_num_threads() == 1
+    with torch.no_grad():
+        timings = common.measure(fns, min_time, time.thread_time if one_thread else time.perf_counter)
+    return [{"kind": "time", "bench": "multi_lora", "op": "forward", "impl": impl,
+             "shape": f"{shape} {rows_n}x{tokens}x{d} r{RANK}", "dtype": common.dtype_name(dtype),
+             "clock": "cpu, 1 thread" if one_thread else "wall", **t.fields()}
+            for impl, t in timings.items()]
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    timed = {(r["impl"], r["shape"], r["dtype"]): r for r in rows}
+    out = []
+    for shape, dtype in dict.fromkeys(key[1:] for key in timed):
+        def add(name, num, den, target):
+            def value(stat):
+                return timed[(num, shape, dtype)][stat] / timed[(den, shape, dtype)][stat]
+            sign, bound = target
+            v = value("median_ms")
+            out.append({"kind": "ratio", "bench": "multi_lora", "ratio": name, "shape": shape,
+                        "dtype": dtype, "value": v, "value (min)": value("min_ms"),
+                        "target": f"{sign} {bound}",
+                        "met": v <= bound if sign == "<=" else v >= bound})
+
+        add("16 adapters / 1 adapter", MANY, ONE, ("<=", 1.05))
+        add("peft 16 / pykernels 16", PEFT, MANY, (">=", 1.0))
+        add("pykernels 16 / base", MANY, BASE, ("<=", 1.05))
+    return out
+
+
+def run(args) -> list[dict]:
+    d = 1024 if args.quick else 4096
+    min_time = 0.1 if args.quick else 0.5
+    torch.manual_seed(0)
+    rows = []
+    for dtype in DTYPES:
+        for shape in SHAPES:
+            rows += bench_forward(d, dtype, shape, min_time)
+    return rows + ratios(rows)
+
+
+if __name__ == "__main__":
+    common.main({"multi_lora": __name__})
