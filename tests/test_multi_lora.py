@@ -172,6 +172,26 @@ def test_ids_sources_in_order():
         assert torch.equal(model(x), by_active)
 
 
+def test_serving_sees_weight_changes():
+    """Serving runs on stacks the weights are views of: changes through .data, an
+    optimizer, load_state_dict or .to() show at once."""
+    layer = layer_with_adapters()
+    x = torch.randn(3, 48)
+    ids = ["c", "a", "b"]
+
+    def expected(x):
+        with torch.enable_grad():
+            return layer(x, adapter_ids=ids).detach()  # the stacking (training) path
+
+    with torch.no_grad():
+        layer.lora_B["a"].weight.data.mul_(3)
+        assert torch.equal(layer(x, adapter_ids=ids), expected(x))
+        layer.load_state_dict({**layer.state_dict(), "lora_A.c.weight": torch.randn(4, 48)})
+        assert torch.equal(layer(x, adapter_ids=ids), expected(x))
+        layer.to(torch.float64)  # (float64 runs plain matmuls: B's layout may move an ulp)
+        torch.testing.assert_close(layer(x.double(), adapter_ids=ids), expected(x.double()))
+
+
 def test_delete_adapter_reindexes():
     layer = layer_with_adapters()
     x = torch.randn(2, 48)
@@ -335,5 +355,7 @@ def test_bad_layer_input():
     with pytest.raises(TypeError, match="must be int64, got torch.int32"):
         layer(torch.randn(2, 48), adapter_ids=torch.tensor([0, 1], dtype=torch.int32))
     layer.lora_B["b"].half()
-    with pytest.raises(TypeError, match=r"lora_B\['b'\] is torch.float16"):
-        layer(torch.randn(2, 48), adapter_ids=["a", "b"])
+    for grad in (True, False):  # training and serving paths
+        with torch.set_grad_enabled(grad), pytest.raises(TypeError,
+                                                         match=r"lora_B\['b'\] is torch.float16"):
+            layer(torch.randn(2, 48), adapter_ids=["a", "b"])
