@@ -71,6 +71,23 @@ def test_matches_reference(case, p, dtype):
     assert all(ours[3][i].abs().max() == 0 and ours[4][i].abs().max() == 0 for i in absent)
 
 
+def test_noncontiguous_and_more_leading_dims():
+    """x [rows, 2, 3, in] as a transposed view, base a slice: the same numbers as
+    contiguous copies."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 2, 40, generator=g).transpose(1, 2)
+    base = torch.randn(4, 2, 3, 50, generator=g)[..., :24]
+    a, b = torch.randn(3, 5, 40, generator=g), torch.randn(3, 24, 5, generator=g)
+    scales, ids = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([2, 0, -1, 2])
+    assert not x.is_contiguous() and not base.is_contiguous()
+    got = ops.multi_lora(x, base, a, b, scales, ids, 0.2, 7)
+    want = ops.multi_lora(x.contiguous(), base.contiguous(), a, b, scales, ids, 0.2, 7)
+    assert torch.equal(got, want)
+    mask = ops.lora_dropout_mask(x.shape, 0.2, 7)
+    torch.testing.assert_close(got, reference.multi_lora(x, base, a, b, scales, ids, mask),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_one_adapter_equals_lora_linear(p):
     """Every row on one adapter: the single-adapter op's numbers (its dropout mask too)."""
