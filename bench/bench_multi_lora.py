@@ -9,7 +9,8 @@ Targets (the "ratio" rows, from peers timed in the same run):
 Shapes: a 4096x4096 layer (1024x1024 with --quick), r = 16, alpha = 32, 512
 tokens as a decode batch (512 rows x 1 token) and a prefill batch (8 rows x 64
 tokens); ids uniform over the 16 adapters and -1 (base only); bf16 and fp32; eval
-mode, no grad, at least 1 s of calls per side. One dense base, shared by every side (peft's holds a copy).
+mode, no grad, at least 1 s of calls per side. One dense base, shared by every
+side (peft's holds a copy).
 With --threads 1 the times are that thread's CPU time (what the code costs
 whatever else runs on this shared machine), else wall time.
 
@@ -32,7 +33,8 @@ from pykernels.nn import MultiLoRALinear  # noqa: E402
 RANK, ALPHA, ADAPTERS = 16, 32, 16
 DTYPES = (torch.bfloat16, torch.float32)
 SHAPES = {"decode": (512, 1), "prefill": (8, 64)}
-BASE, ONE, MANY, PEFT = "base nn.Linear", "pykernels 1 adapter", "pykernels 16 adapters", "peft 16 adapters"
+BASE, ONE = "base nn.Linear", "pykernels 1 adapter"
+MANY, PEFT = "pykernels 16 adapters", "peft 16 adapters"
 
 
 class _Model(nn.Module):
@@ -92,7 +94,8 @@ def bench_forward(d: int, dtype: torch.dtype, shape: str, min_time: float) -> li
            PEFT: lambda: theirs(x, adapter_names=names)}
     one_thread = torch.get_num_threads() == 1
     with torch.no_grad():
-        timings = common.measure(fns, min_time, time.thread_time if one_thread else time.perf_counter)
+        clock = time.thread_time if one_thread else time.perf_counter
+        timings = common.measure(fns, min_time, clock)
     return [{"kind": "time", "bench": "multi_lora", "op": "forward", "impl": impl,
              "shape": f"{shape} {rows_n}x{tokens}x{d} r{RANK}", "dtype": common.dtype_name(dtype),
              "clock": "cpu, 1 thread" if one_thread else "wall", **t.fields()}

@@ -13,7 +13,8 @@ import common  # first: it quiets the peers' import-time logging
 
 import torch  # noqa: E402
 
-from bench_multi_lora import ADAPTERS, BASE, MANY, ONE, PEFT, RANK, SHAPES, _layers, ratios  # noqa: E402
+from bench_multi_lora import (ADAPTERS, BASE, MANY, ONE, PEFT, RANK, SHAPES, _layers,  # noqa: E402
+                              ratios)
 from bench_nf4_cuda import FLUSH_BYTES, measure_cuda  # noqa: E402
 
 DTYPE = torch.bfloat16
@@ -34,7 +35,8 @@ def bench_forward(d: int, shape: str, flush: torch.Tensor) -> list[dict]:
         fns = {BASE: lambda: base(x), ONE: lambda: one(x, adapter_ids=one_ids),
                MANY: lambda: many(x, adapter_ids=ids), PEFT: lambda: theirs(x, adapter_names=names)}
         return [{"kind": "time", "bench": "multi_lora_cuda", "op": "forward", "impl": impl,
-                 "shape": f"{shape} {rows_n}x{tokens}x{d} r{RANK}", "dtype": common.dtype_name(DTYPE),
+                 "shape": f"{shape} {rows_n}x{tokens}x{d} r{RANK}",
+                 "dtype": common.dtype_name(DTYPE),
                  **measure_cuda(fn, flush).fields()} for impl, fn in fns.items()]
 
 

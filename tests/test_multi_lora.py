@@ -43,7 +43,8 @@ def run(fn, x, base, a, b, dy):
     y = fn(x, base, a, b)
     y.backward(dy)
     # (the reference's graph leaves out what no row uses: its gradient is zero)
-    return (y.detach(), *(torch.zeros_like(t) if t.grad is None else t.grad for t in (x, base, a, b)))
+    grads = (torch.zeros_like(t) if t.grad is None else t.grad for t in (x, base, a, b))
+    return (y.detach(), *grads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -359,9 +360,9 @@ def test_bad_ids():
 
 def test_bad_layer_input():
     layer = layer_with_adapters()
-    with pytest.raises(ValueError, match=r"add_adapter\('d'\): rank 8 differs from the layer's rank 4"):
+    with pytest.raises(ValueError, match=r"add_adapter\('d'\): rank 8 differs from .* rank 4"):
         layer.add_adapter("d", r=8)
-    with pytest.raises(TypeError, match=r"add_adapter\('d'\): dtype torch.float16 differs .* torch.float32"):
+    with pytest.raises(TypeError, match=r"'d'\): dtype torch.float16 differs .* torch.float32"):
         layer.add_adapter("d", r=4, dtype=torch.float16)
     with pytest.raises(ValueError, match="exists already"):
         layer.add_adapter("a", r=4)

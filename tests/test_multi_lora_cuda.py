@@ -69,4 +69,5 @@ def test_layer_compiled_matches_cpu():
 def test_devices_must_agree():
     x, base, a, b, scales = make(2, 2, 16, 8, 2, 2, torch.float32)
     with pytest.raises((ValueError, RuntimeError), match="ids"):
-        ops.multi_lora(x.cuda(), base.cuda(), a.cuda(), b.cuda(), scales.cuda(), torch.tensor([0, 1]))
+        ops.multi_lora(x.cuda(), base.cuda(), a.cuda(), b.cuda(), scales.cuda(),
+                       torch.tensor([0, 1]))

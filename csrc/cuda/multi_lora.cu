@@ -70,7 +70,8 @@ multi_add_g_a_kernel(const float* __restrict__ g, const Elem<D>* __restrict__ a_
     if (d.active() && !dropout_keep(d, dropout_row(d.seed, uint64_t(t)), uint32_t(i))) continue;
     const Elem<D>* a = a_all + adapter * rank * cols;
     float sum = 0.0f;
-    for (int64_t k = 0; k < rank; ++k) sum = fmaf(g[t * rank + k], load_as_float<D>(a, k * cols + i), sum);
+    for (int64_t k = 0; k < rank; ++k)
+      sum = fmaf(g[t * rank + k], load_as_float<D>(a, k * cols + i), sum);
     const float s = scales != nullptr ? scale * scales[adapter] : scale;
     store_from_float<D>(out, item, load_as_float<D>(out, item) + s * sum);
   }

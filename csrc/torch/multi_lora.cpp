@@ -74,7 +74,8 @@ void cpu_gt_x(const Segments& s, const at::Tensor& g, const at::Tensor& x, const
                                             x.const_data_ptr(), cols, rank, d,
                                             s.order.const_data_ptr<int64_t>(),
                                             s.host_offsets.data(), a, begin * kBlock,
-                                            std::min(cols, end * kBlock), out_all.mutable_data_ptr());
+                                            std::min(cols, end * kBlock),
+                                            out_all.mutable_data_ptr());
                      });
   }
 }

@@ -182,7 +182,8 @@ class MultiLoRALinear(nn.Module):
             raise KeyError(f"MultiLoRALinear: no adapter {name!r}; adapters: "
                            f"{self.adapter_names}") from None
 
-    def resolve_ids(self, ids: AdapterIds, rows: int, device: torch.device) -> Optional[torch.Tensor]:
+    def resolve_ids(self, ids: AdapterIds, rows: int,
+                    device: torch.device) -> Optional[torch.Tensor]:
         """ids as the op takes them (int64 [rows] on ``device``), or None for base only."""
         if ids is None:
             if self.active_adapter is None:
@@ -287,7 +288,8 @@ class MultiLoRALinear(nn.Module):
         must use ``name``."""
         self._index(name)
         if self.merged_adapter is not None:
-            raise RuntimeError(f"merge({name!r}): {self.merged_adapter!r} is merged; unmerge() first")
+            raise RuntimeError(f"merge({name!r}): {self.merged_adapter!r} is merged; "
+                               "unmerge() first")
         base = self.base_layer
         weight = base.dequantize() if isinstance(base, NF4Linear) else base.weight
         ops.lora_merge_(weight, self.lora_A[name].weight.to(weight.dtype),
