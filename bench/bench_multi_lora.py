@@ -4,6 +4,8 @@ mixed-batch path (``adapter_names=[...]``) on the same weights, vs the base alon
 
 Targets (the "ratio" rows, from peers timed in the same run):
 - 16 adapters at most 1.05x the same layer with ONE adapter (every row on it);
+  LoRALinear (the single-adapter op, whose dropout-free products go to the
+  matmul library) is timed beside it, without a target;
 - faster than peft's adapter_names path (peft / pykernels >= 1).
 
 Shapes: a 4096x4096 layer (1024x1024 with --quick), r = 16, alpha = 32, 512
@@ -28,12 +30,12 @@ import peft  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pykernels.nn import MultiLoRALinear  # noqa: E402
+from pykernels.nn import LoRALinear, MultiLoRALinear  # noqa: E402
 
 RANK, ALPHA, ADAPTERS = 16, 32, 16
 DTYPES = (torch.bfloat16, torch.float32)
 SHAPES = {"decode": (512, 1), "prefill": (8, 64)}
-BASE, ONE = "base nn.Linear", "pykernels 1 adapter"
+BASE, ONE, SINGLE = "base nn.Linear", "pykernels 1 adapter", "pykernels LoRALinear"
 MANY, PEFT = "pykernels 16 adapters", "peft 16 adapters"
 
 
@@ -49,7 +51,8 @@ class _Model(nn.Module):
 
 
 def _layers(d: int, dtype: torch.dtype):
-    """(base, ours with 16 adapters, ours with adapter 0 alone, peft with the 16)."""
+    """(base, ours with 16 adapters, ours with adapter 0 alone, peft with the 16,
+    LoRALinear holding adapter 0: the single-adapter op)."""
     base = nn.Linear(d, d, dtype=dtype).requires_grad_(False)
     many = MultiLoRALinear(base)
     one = MultiLoRALinear(base)
@@ -71,14 +74,18 @@ def _layers(d: int, dtype: torch.dtype):
         for name in many.adapter_names:
             layer.lora_A[name].weight.copy_(many.lora_A[name].weight)
             layer.lora_B[name].weight.copy_(many.lora_B[name].weight)
-    for module in (many, one, theirs):
+    single = LoRALinear(base, r=RANK, alpha=ALPHA)
+    with torch.no_grad():
+        single.lora_A.weight.copy_(many.lora_A["t0"].weight)
+        single.lora_B.weight.copy_(many.lora_B["t0"].weight)
+    for module in (many, one, theirs, single):
         module.eval()
-    return base, many, one, theirs
+    return base, many, one, theirs, single
 
 
 def bench_forward(d: int, dtype: torch.dtype, shape: str, min_time: float) -> list[dict]:
     rows_n, tokens = SHAPES[shape]
-    base, many, one, theirs = _layers(d, dtype)
+    base, many, one, theirs, single = _layers(d, dtype)
     x = torch.randn(rows_n, tokens, d, dtype=dtype)
     ids = torch.randint(-1, ADAPTERS, (rows_n,))
     names = ["__base__" if i < 0 else f"t{i}" for i in ids.tolist()]
@@ -89,7 +96,8 @@ def bench_forward(d: int, dtype: torch.dtype, shape: str, min_time: float) -> li
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     if err > tol * (1 + want.abs().max().item()):  # timing a wrong answer is worse than none
         raise RuntimeError(f"bench_multi_lora: pykernels and peft differ by {err:.3g}")
-    fns = {BASE: lambda: base(x), ONE: lambda: one(x, adapter_ids=one_ids),
+    fns = {BASE: lambda: base(x), SINGLE: lambda: single(x),
+           ONE: lambda: one(x, adapter_ids=one_ids),
            MANY: lambda: many(x, adapter_ids=ids),
            PEFT: lambda: theirs(x, adapter_names=names)}
     one_thread = torch.get_num_threads() == 1
@@ -124,6 +132,8 @@ def ratios(rows: list[dict]) -> list[dict]:
         add("16 adapters / 1 adapter", MANY, ONE, ("<=", 1.05))
         add("peft 16 / pykernels 16", PEFT, MANY, (">=", 1.0))
         add("pykernels 16 / base", MANY, BASE)
+        if (SINGLE, shape, dtype) in timed:
+            add("16 adapters / LoRALinear", MANY, SINGLE)
     return out
 
 

@@ -22,7 +22,7 @@ DTYPE = torch.bfloat16
 
 def bench_forward(d: int, shape: str, flush: torch.Tensor) -> list[dict]:
     rows_n, tokens = SHAPES[shape]
-    base, many, one, theirs = (m.cuda() for m in _layers(d, DTYPE))
+    base, many, one, theirs, _ = (m.cuda() for m in _layers(d, DTYPE))
     x = torch.randn(rows_n, tokens, d, dtype=DTYPE, device="cuda")
     ids = torch.randint(-1, ADAPTERS, (rows_n,), device="cuda")
     names = ["__base__" if i < 0 else f"t{i}" for i in ids.tolist()]
