@@ -2,8 +2,9 @@
 # The prepared GPU check: one call on a lent GPU machine (an H200: sm_90) that
 # builds the extension for the chip, runs every CUDA test, times NF4 dequantize
 # against the device's copy bandwidth and bitsandbytes, and times the LoRA
-# training step (vs peft and the base layer) and the NF4 linear layer (vs the
-# copy bandwidth, a dense layer and bitsandbytes). It runs in the repo root and
+# training step (vs peft and the base layer), the NF4 linear layer (vs the
+# copy bandwidth, a dense layer and bitsandbytes) and multi-LoRA serving (16
+# adapters vs one vs peft's adapter_names). It runs in the repo root and
 # writes under $OUT (default results/gpu); expect ~5 minutes. Each step has its
 # own time limit, cut to what is left of 8 minutes from the start.
 #
@@ -17,7 +18,7 @@
 #
 # $OUT: summary.txt (one line per step), env.txt (GPU, versions, kernel resource
 # usage), build.log, run.log (pytest and benchmark output), junit-cuda.xml,
-# bench_*.log, nf4_cuda.json / .csv and lora_cuda.json / .csv.
+# bench_*.log, nf4_cuda, lora_cuda and multi_lora_cuda .json / .csv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu}
@@ -83,7 +84,7 @@ rc=$?
 summary "tests: rc=$rc in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/run.log")"
 
 # ---- benchmarks: NF4 dequantize bandwidth; the LoRA step and NF4 linear ----
-for bench in nf4_cuda lora_cuda; do
+for bench in nf4_cuda lora_cuda multi_lora_cuda; do
   start=$(date +%s)
   timeout "$(limit 120)" $PY bench/bench_$bench.py --out "$OUT" > "$OUT/bench_$bench.log" 2>&1
   rc=$?

@@ -151,3 +151,20 @@ def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                scale: float) -> torch.Tensor:
     """W + scale·B·A computed in fp32, rounded once to W's dtype."""
     return (weight.float() + scale * (lora_B.float() @ lora_A.float())).to(weight.dtype)
+
+
+def multi_lora(x: torch.Tensor, base: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               scales, ids, mask=None) -> torch.Tensor:
+    """base + scales[id]·((x·mask)·A[id]ᵀ)·B[id]ᵀ per batch row of x [rows, ..., in],
+    a plain loop over the adapters (peft's mixed-batch order of operations), in the
+    inputs' dtype; ids -1 leave the row at base. ``mask``: the dropout multiplier
+    (x's shape; ops.lora_dropout_mask of x gives the kernels'), None for none."""
+    dropped = x if mask is None else x * mask.to(x.dtype)
+    out = base.clone()
+    for a in range(lora_A.shape[0]):
+        rows = (ids == a).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        xa = torch.nn.functional.linear(dropped[rows], lora_A[a])
+        out[rows] = out[rows] + torch.nn.functional.linear(xa, lora_B[a]) * float(scales[a])
+    return out

@@ -36,8 +36,9 @@ float dropped(const Dropout& d, DropoutRow key, int64_t col, float x) {
 // lanes: [rank][16] of the scratch.
 template <DType D>
 void x_at(const Elem<D>* x, const Elem<D>* a, int64_t cols, int64_t rank, const Dropout& d,
-          int64_t row_begin, int64_t row_end, Elem<D>* out, float* lanes) {
-  for (int64_t t = row_begin; t < row_end; ++t) {
+          int64_t row_begin, int64_t row_end, Elem<D>* out, float* lanes, const int64_t* row_map) {
+  for (int64_t tt = row_begin; tt < row_end; ++tt) {
+    const int64_t t = lora_row(row_map, tt);
     const DropoutRow key = dropout_row(d.seed, uint64_t(t));
     std::fill(lanes, lanes + rank * kLoraLanes, 0.0f);
     for (int64_t i = 0; i < cols; ++i) {
@@ -54,7 +55,8 @@ void x_at(const Elem<D>* x, const Elem<D>* a, int64_t cols, int64_t rank, const 
 // sums: [rank][stride] of the scratch.
 template <DType D>
 void gt_x(const float* g, const Elem<D>* x, int64_t rows, int64_t cols, int64_t rank,
-          const Dropout& d, int64_t col_begin, int64_t col_end, Elem<D>* out, float* sums) {
+          const Dropout& d, int64_t col_begin, int64_t col_end, Elem<D>* out, float* sums,
+          const int64_t* row_map) {
   const int64_t stride = lora_gt_x_stride(col_begin, col_end);
   std::fill(sums, sums + rank * stride, 0.0f);
   // As the SIMD paths: each tile of kLoraGtxRows rows sums from zero, then adds to the total.
@@ -63,7 +65,8 @@ void gt_x(const float* g, const Elem<D>* x, int64_t rows, int64_t cols, int64_t 
     for (int64_t i = col_begin; i < col_end; ++i)
       for (int64_t k = 0; k < rank; ++k) {
         float partial = 0.0f;
-        for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t tt = t0; tt < t1; ++tt) {
+          const int64_t t = lora_row(row_map, tt);
           const float v = dropped(d, dropout_row(d.seed, uint64_t(t)), i,
                                   load_as_float<D>(x, t * cols + i));
           partial = std::fma(g[t * rank + k], v, partial);
@@ -78,8 +81,10 @@ void gt_x(const float* g, const Elem<D>* x, int64_t rows, int64_t cols, int64_t 
 
 template <DType D>
 void add_g_a(const float* g, const Elem<D>* a, int64_t cols, int64_t rank, float scale,
-             const Dropout& d, int64_t row_begin, int64_t row_end, Elem<D>* out) {
-  for (int64_t t = row_begin; t < row_end; ++t) {
+             const Dropout& d, int64_t row_begin, int64_t row_end, Elem<D>* out,
+             const int64_t* row_map) {
+  for (int64_t tt = row_begin; tt < row_end; ++tt) {
+    const int64_t t = lora_row(row_map, tt);
     const DropoutRow key = dropout_row(d.seed, uint64_t(t));
     for (int64_t i = 0; i < cols; ++i) {
       if (d.active() && !dropout_keep(d, key, uint32_t(i))) continue;
@@ -96,69 +101,77 @@ void add_g_a(const float* g, const Elem<D>* a, int64_t cols, int64_t rank, float
 
 void lora_x_at_scalar(DType dtype, const void* x, const void* a, int64_t cols, int64_t rank,
                       const Dropout& d, int64_t row_begin, int64_t row_end, void* out,
-                      float* scratch) {
+                      float* scratch, const int64_t* row_map) {
   PK_LORA_DTYPE_SWITCH("lora_x_at", (x_at<D>(static_cast<const E*>(x), static_cast<const E*>(a),
                                              cols, rank, d, row_begin, row_end,
-                                             static_cast<E*>(out), scratch)));
+                                             static_cast<E*>(out), scratch, row_map)));
 }
 
 void lora_gt_x_scalar(DType dtype, const float* g, const void* x, int64_t rows, int64_t cols,
                       int64_t rank, const Dropout& d, int64_t col_begin, int64_t col_end,
-                      void* out, float* scratch) {
+                      void* out, float* scratch, const int64_t* row_map) {
   PK_LORA_DTYPE_SWITCH("lora_gt_x", (gt_x<D>(g, static_cast<const E*>(x), rows, cols, rank, d,
-                                             col_begin, col_end, static_cast<E*>(out), scratch)));
+                                             col_begin, col_end, static_cast<E*>(out), scratch,
+                                             row_map)));
 }
 
 void lora_add_g_a_scalar(DType dtype, const float* g, const void* a, int64_t cols, int64_t rank,
                          float scale, const Dropout& d, int64_t row_begin, int64_t row_end,
-                         void* out) {
+                         void* out, const int64_t* row_map) {
   PK_LORA_DTYPE_SWITCH("lora_add_g_a", (add_g_a<D>(g, static_cast<const E*>(a), cols, rank, scale,
-                                                   d, row_begin, row_end, static_cast<E*>(out))));
+                                                   d, row_begin, row_end, static_cast<E*>(out),
+                                                   row_map)));
 }
 
 void lora_x_at(SimdPath path, DType dtype, const void* x, const void* a, int64_t cols,
-               int64_t rank, const Dropout& d, int64_t row_begin, int64_t row_end, void* out) {
+               int64_t rank, const Dropout& d, int64_t row_begin, int64_t row_end, void* out,
+               const int64_t* row_map) {
   std::vector<float> scratch(size_t(lora_x_at_scratch(rank)));
   switch (path) {
     case SimdPath::AVX512:
-      return lora_x_at_avx512(dtype, x, a, cols, rank, d, row_begin, row_end, out, scratch.data());
+      return lora_x_at_avx512(dtype, x, a, cols, rank, d, row_begin, row_end, out, scratch.data(),
+                              row_map);
     case SimdPath::AVX2:
-      return lora_x_at_avx2(dtype, x, a, cols, rank, d, row_begin, row_end, out, scratch.data());
+      return lora_x_at_avx2(dtype, x, a, cols, rank, d, row_begin, row_end, out, scratch.data(),
+                              row_map);
     case SimdPath::Scalar:
       break;
   }
-  lora_x_at_scalar(dtype, x, a, cols, rank, d, row_begin, row_end, out, scratch.data());
+  lora_x_at_scalar(dtype, x, a, cols, rank, d, row_begin, row_end, out, scratch.data(), row_map);
 }
 
 void lora_gt_x(SimdPath path, DType dtype, const float* g, const void* x, int64_t rows,
                int64_t cols, int64_t rank, const Dropout& d, int64_t col_begin, int64_t col_end,
-               void* out) {
+               void* out, const int64_t* row_map) {
   std::vector<float> scratch(size_t(lora_gt_x_scratch(rank, col_begin, col_end)));
   switch (path) {
     case SimdPath::AVX512:
       return lora_gt_x_avx512(dtype, g, x, rows, cols, rank, d, col_begin, col_end, out,
-                              scratch.data());
+                              scratch.data(), row_map);
     case SimdPath::AVX2:
       return lora_gt_x_avx2(dtype, g, x, rows, cols, rank, d, col_begin, col_end, out,
-                            scratch.data());
+                            scratch.data(), row_map);
     case SimdPath::Scalar:
       break;
   }
-  lora_gt_x_scalar(dtype, g, x, rows, cols, rank, d, col_begin, col_end, out, scratch.data());
+  lora_gt_x_scalar(dtype, g, x, rows, cols, rank, d, col_begin, col_end, out, scratch.data(),
+                   row_map);
 }
 
 void lora_add_g_a(SimdPath path, DType dtype, const float* g, const void* a, int64_t cols,
                   int64_t rank, float scale, const Dropout& d, int64_t row_begin,
-                  int64_t row_end, void* out) {
+                  int64_t row_end, void* out, const int64_t* row_map) {
   switch (path) {
     case SimdPath::AVX512:
-      return lora_add_g_a_avx512(dtype, g, a, cols, rank, scale, d, row_begin, row_end, out);
+      return lora_add_g_a_avx512(dtype, g, a, cols, rank, scale, d, row_begin, row_end, out,
+                                 row_map);
     case SimdPath::AVX2:
-      return lora_add_g_a_avx2(dtype, g, a, cols, rank, scale, d, row_begin, row_end, out);
+      return lora_add_g_a_avx2(dtype, g, a, cols, rank, scale, d, row_begin, row_end, out,
+                                 row_map);
     case SimdPath::Scalar:
       break;
   }
-  lora_add_g_a_scalar(dtype, g, a, cols, rank, scale, d, row_begin, row_end, out);
+  lora_add_g_a_scalar(dtype, g, a, cols, rank, scale, d, row_begin, row_end, out, row_map);
 }
 
 void dropout_keep_mask(const Dropout& d, int64_t cols, int64_t row_begin, int64_t row_end,

@@ -18,13 +18,13 @@ template <DType D> using Elem = typename Storage<D>::type;
 #define PK_LORA_PATH(suffix)                                                                   \
   void lora_x_at_##suffix(DType dtype, const void* x, const void* a, int64_t cols,             \
                           int64_t rank, const Dropout& d, int64_t row_begin, int64_t row_end,  \
-                          void* out, float* scratch);                                          \
+                          void* out, float* scratch, const int64_t* row_map);                  \
   void lora_gt_x_##suffix(DType dtype, const float* g, const void* x, int64_t rows,            \
                           int64_t cols, int64_t rank, const Dropout& d, int64_t col_begin,     \
-                          int64_t col_end, void* out, float* scratch);                         \
+                          int64_t col_end, void* out, float* scratch, const int64_t* row_map); \
   void lora_add_g_a_##suffix(DType dtype, const float* g, const void* a, int64_t cols,         \
                              int64_t rank, float scale, const Dropout& d, int64_t row_begin,   \
-                             int64_t row_end, void* out);
+                             int64_t row_end, void* out, const int64_t* row_map);
 PK_LORA_PATH(scalar)
 PK_LORA_PATH(avx2)
 PK_LORA_PATH(avx512)
@@ -58,6 +58,10 @@ PK_LORA_PATH(avx512)
 // of a row accumulates (fused multiply-add, i ascending) into partial i % 16,
 // and the partials are reduced in this one pairwise order.
 constexpr int64_t kLoraLanes = 16;
+
+// Row t of a kernel's range is row row_map[t] of every row-indexed buffer and of
+// the dropout hash (row_map null: row t itself).
+inline int64_t lora_row(const int64_t* row_map, int64_t t) { return row_map ? row_map[t] : t; }
 
 constexpr int64_t lora_min(int64_t a, int64_t b) { return a < b ? a : b; }
 constexpr int64_t lora_round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }

@@ -74,7 +74,8 @@ inline void x_at_tile(const float (*staged)[kXatCols], const Elem<D>* const* aro
 // partial: lora_x_at_scratch(rank) floats, [row of the tile][rank][16 lanes].
 template <class V, DType D>
 void x_at(const Elem<D>* x, const Elem<D>* a, int64_t cols, int64_t rank, const Dropout& d,
-          int64_t row_begin, int64_t row_end, Elem<D>* out, float* partial) {
+          int64_t row_begin, int64_t row_end, Elem<D>* out, float* partial,
+          const int64_t* row_map) {
   constexpr int64_t L = V::kLanes, S = kLoraLanes / L, R = V::kXatRows, K = V::kXatRanks;
   static_assert(R <= kLoraMaxTileRows, "x_at tile taller than its scratch");
   alignas(64) float staged[R][kXatCols];
@@ -86,7 +87,7 @@ void x_at(const Elem<D>* x, const Elem<D>* a, int64_t cols, int64_t rank, const 
       const int64_t n = lora_min(kXatCols, cols - c0);
       const int64_t full = n / kLoraLanes * kLoraLanes;
       for (int64_t r = 0; r < R; ++r) {
-        const int64_t t = lora_min(t0 + r, row_end - 1);
+        const int64_t t = lora_row(row_map, lora_min(t0 + r, row_end - 1));
         stage_dropped<V, D>(x + t * cols + c0, n, lora_round_up(n, kLoraLanes), d,
                             dropout_row(d.seed, uint64_t(t)), c0, staged[r]);
       }
@@ -109,7 +110,8 @@ void x_at(const Elem<D>* x, const Elem<D>* a, int64_t cols, int64_t rank, const 
     }
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t k = 0; k < rank; ++k)
-        store_from_float<D>(out, (t0 + r) * rank + k, lora_reduce_lanes(lanes(r, k)));
+        store_from_float<D>(out, lora_row(row_map, t0 + r) * rank + k,
+                            lora_reduce_lanes(lanes(r, k)));
   }
 }
 
@@ -120,7 +122,8 @@ void x_at(const Elem<D>* x, const Elem<D>* a, int64_t cols, int64_t rank, const 
 // another), so x streams from memory; the sums stay in L2.
 template <class V, DType D>
 void gt_x(const float* g, const Elem<D>* x, int64_t rows, int64_t cols, int64_t rank,
-          const Dropout& d, int64_t col_begin, int64_t col_end, Elem<D>* out, float* sums) {
+          const Dropout& d, int64_t col_begin, int64_t col_end, Elem<D>* out, float* sums,
+          const int64_t* row_map) {
   constexpr int64_t L = V::kLanes, C = V::kGtxVecs, K = V::kGtxRanks, kCols = C * L;
   static_assert(kCols <= kLoraMaxTileCols && kLoraMaxTileCols % kCols == 0, "gt_x tile");
   const int64_t stride = lora_gt_x_stride(col_begin, col_end);
@@ -130,9 +133,11 @@ void gt_x(const float* g, const Elem<D>* x, int64_t rows, int64_t cols, int64_t 
     const int64_t tn = lora_min(kLoraGtxRows, rows - t0);
     for (int64_t c0 = col_begin; c0 < col_end; c0 += kCols) {
       const int64_t n = lora_min(kCols, col_end - c0);
-      for (int64_t tt = 0; tt < tn; ++tt)
-        stage_dropped<V, D>(x + (t0 + tt) * cols + c0, n, kCols, d,
-                            dropout_row(d.seed, uint64_t(t0 + tt)), c0, staged[tt]);
+      for (int64_t tt = 0; tt < tn; ++tt) {
+        const int64_t t = lora_row(row_map, t0 + tt);
+        stage_dropped<V, D>(x + t * cols + c0, n, kCols, d, dropout_row(d.seed, uint64_t(t)), c0,
+                            staged[tt]);
+      }
       float* tile_sums = sums + (c0 - col_begin);
       for (int64_t k0 = 0; k0 < rank; k0 += K) {
         int64_t k_of[K];
@@ -144,7 +149,7 @@ void gt_x(const float* g, const Elem<D>* x, int64_t rows, int64_t cols, int64_t 
         for (int64_t tt = 0; tt < tn; ++tt) {
           typename V::F xv[C];
           for (int64_t v = 0; v < C; ++v) xv[v] = V::loadf(staged[tt] + v * L);
-          const float* g_row = g + (t0 + tt) * rank;
+          const float* g_row = g + lora_row(row_map, t0 + tt) * rank;
           for (int64_t j = 0; j < K; ++j) {
             const typename V::F gv = V::set1(g_row[k_of[j]]);
             for (int64_t v = 0; v < C; ++v) acc[j][v] = V::fma(gv, xv[v], acc[j][v]);
@@ -187,7 +192,8 @@ inline void add_g_a_sums(const float* const* g_row, const Elem<D>* a, int64_t co
 
 template <class V, DType D>
 void add_g_a(const float* g, const Elem<D>* a, int64_t cols, int64_t rank, float scale,
-             const Dropout& d, int64_t row_begin, int64_t row_end, Elem<D>* out) {
+             const Dropout& d, int64_t row_begin, int64_t row_end, Elem<D>* out,
+             const int64_t* row_map) {
   constexpr int64_t L = V::kLanes, R = V::kAddRows, C = V::kAddVecs, kCols = C * L;
   const typename V::F vscale = V::set1(scale);
   for (int64_t t0 = row_begin; t0 < row_end; t0 += R) {
@@ -195,7 +201,7 @@ void add_g_a(const float* g, const Elem<D>* a, int64_t cols, int64_t rank, float
     const float* g_row[R];
     DropoutRow key[R];
     for (int64_t r = 0; r < R; ++r) {
-      const int64_t t = lora_min(t0 + r, row_end - 1);
+      const int64_t t = lora_row(row_map, lora_min(t0 + r, row_end - 1));
       g_row[r] = g + t * rank;
       key[r] = dropout_row(d.seed, uint64_t(t));
     }
@@ -207,7 +213,7 @@ void add_g_a(const float* g, const Elem<D>* a, int64_t cols, int64_t rank, float
       if (n == kCols) add_g_a_sums<V, D, false>(g_row, a + c0, cols, rank, n, acc);
       else add_g_a_sums<V, D, true>(g_row, a + c0, cols, rank, n, acc);
       for (int64_t r = 0; r < rows; ++r) {
-        Elem<D>* o = out + (t0 + r) * cols + c0;
+        Elem<D>* o = out + lora_row(row_map, t0 + r) * cols + c0;
         for (int64_t v = 0; v < C && v * L < n; ++v) {
           const typename V::F delta = V::mul(vscale, acc[r][v]);
           const typename V::F now = load_upto<V, D>(o + v * L, n - v * L);
@@ -224,27 +230,29 @@ void add_g_a(const float* g, const Elem<D>* a, int64_t cols, int64_t rank, float
 // ---- entry points, by dtype ----
 template <class V>
 void x_at_any(DType dtype, const void* x, const void* a, int64_t cols, int64_t rank,
-              const Dropout& d, int64_t row_begin, int64_t row_end, void* out, float* scratch) {
+              const Dropout& d, int64_t row_begin, int64_t row_end, void* out, float* scratch,
+              const int64_t* row_map) {
   PK_LORA_DTYPE_SWITCH("lora_x_at", (x_at<V, D>(static_cast<const E*>(x), static_cast<const E*>(a),
                                                 cols, rank, d, row_begin, row_end,
-                                                static_cast<E*>(out), scratch)));
+                                                static_cast<E*>(out), scratch, row_map)));
 }
 
 template <class V>
 void gt_x_any(DType dtype, const float* g, const void* x, int64_t rows, int64_t cols,
               int64_t rank, const Dropout& d, int64_t col_begin, int64_t col_end, void* out,
-              float* scratch) {
+              float* scratch, const int64_t* row_map) {
   PK_LORA_DTYPE_SWITCH("lora_gt_x",
                        (gt_x<V, D>(g, static_cast<const E*>(x), rows, cols, rank, d, col_begin,
-                                   col_end, static_cast<E*>(out), scratch)));
+                                   col_end, static_cast<E*>(out), scratch, row_map)));
 }
 
 template <class V>
 void add_g_a_any(DType dtype, const float* g, const void* a, int64_t cols, int64_t rank,
-                 float scale, const Dropout& d, int64_t row_begin, int64_t row_end, void* out) {
+                 float scale, const Dropout& d, int64_t row_begin, int64_t row_end, void* out,
+                 const int64_t* row_map) {
   PK_LORA_DTYPE_SWITCH("lora_add_g_a",
                        (add_g_a<V, D>(g, static_cast<const E*>(a), cols, rank, scale, d,
-                                      row_begin, row_end, static_cast<E*>(out))));
+                                      row_begin, row_end, static_cast<E*>(out), row_map)));
 }
 
 }  // namespace

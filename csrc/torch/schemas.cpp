@@ -59,3 +59,21 @@ TORCH_LIBRARY(pykernels, m) {
       "float dropout_p, Tensor seed, bool need_grad_x) "
       "-> (Tensor? grad_x, Tensor grad_A, Tensor grad_B)");
 }
+
+// ---- Multi-LoRA (multi_lora.cpp; math in csrc/cpu/multi_lora.cpp) ----
+// Many adapters stacked in one layer, each batch row picking one (punica's BGMV /
+// SGMV): out = base + scales[id]·(drop(x)·lora_A[id]ᵀ)·lora_B[id]ᵀ per row of x
+// [rows, ..., in], ids [rows] int64 in [-1, n) (-1: base only), lora_A [n, r, in],
+// lora_B [n, out, r], scales [n] fp32. base: the base layer's output for x. Dropout
+// as lora_linear's (mask by token row of x flattened). Also returns xa [..., r]
+// (zeros where id = -1). The backward gives the adapters' part of grad_x and
+// grad_A / grad_B for every adapter (zeros for those no row picked).
+TORCH_LIBRARY_FRAGMENT(pykernels, m) {
+  m.def(
+      "multi_lora(Tensor x, Tensor base, Tensor lora_A, Tensor lora_B, Tensor scales, "
+      "Tensor ids, float dropout_p, Tensor seed) -> (Tensor out, Tensor xa)");
+  m.def(
+      "multi_lora_backward(Tensor grad_out, Tensor x, Tensor lora_A, Tensor lora_B, "
+      "Tensor scales, Tensor ids, Tensor xa, float dropout_p, Tensor seed, bool need_grad_x) "
+      "-> (Tensor? grad_x, Tensor grad_A, Tensor grad_B)");
+}

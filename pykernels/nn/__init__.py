@@ -8,3 +8,6 @@ __all__ += ["LoRALinear"]
 from .qlora import QLoRALinear
 
 __all__ += ["QLoRALinear"]
+from .multi_lora import MultiLoRALinear, adapter_ids, set_adapter_ids
+
+__all__ += ["MultiLoRALinear", "adapter_ids", "set_adapter_ids"]

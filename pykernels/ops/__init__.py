@@ -15,3 +15,6 @@ __all__ += ["lora_dropout_mask", "lora_linear", "lora_merge_"]
 from .qlora import qlora_linear
 
 __all__ += ["qlora_linear"]
+from .multi_lora import multi_lora
+
+__all__ += ["multi_lora"]

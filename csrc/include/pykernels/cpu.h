@@ -86,19 +86,22 @@ void nf4_matvec_t(SimdPath path, DType dtype, const NF4Matrix& w, const float* d
 
 // ---- LoRA (math: csrc/cpu/lora.cpp; dropout mask: pykernels/dropout.h) ----
 // Row-major contiguous buffers: x [rows, cols], a (lora_A) [rank, cols] and every
-// out in dtype; g [rows, rank] in fp32. drop(x)[t, i] = x[t, i] * d.scale where
+// out in dtype; g [rows, rank] in fp32. row_map (optional): the kernel's row t is
+// row row_map[t] of x, g, the row-indexed out and the dropout hash, so one adapter's
+// rows of a mixed batch run in place (multi-LoRA). drop(x)[t, i] = x[t, i] * d.scale where
 // dropout_keep(d, t, i), else 0, computed on the fly and never stored. Every
 // path gives the same bits whatever the range split (see lora.cpp).
 
 // out[t, k] = sum_i drop(x)[t, i] * a[k, i] (xa = drop(x) A^T), rows [row_begin, row_end).
 void lora_x_at(SimdPath path, DType dtype, const void* x, const void* a, int64_t cols,
-               int64_t rank, const Dropout& d, int64_t row_begin, int64_t row_end, void* out);
+               int64_t rank, const Dropout& d, int64_t row_begin, int64_t row_end, void* out,
+               const int64_t* row_map = nullptr);
 
 // out[k, i] = sum_t g[t, k] * drop(x)[t, i] over all rows (dA = dxa^T drop(x)), for the
 // columns [col_begin, col_end) of out [rank, cols].
 void lora_gt_x(SimdPath path, DType dtype, const float* g, const void* x, int64_t rows,
                int64_t cols, int64_t rank, const Dropout& d, int64_t col_begin, int64_t col_end,
-               void* out);
+               void* out, const int64_t* row_map = nullptr);
 
 // out[t, i] += scale * sum_k g[t, k] * a[k, i] where dropout_keep(d, t, i) (every element
 // when d is inactive), the sum in fp32 and rounded once, rows [row_begin, row_end) of
@@ -106,11 +109,39 @@ void lora_gt_x(SimdPath path, DType dtype, const float* g, const void* x, int64_
 // d inactive and scale = s (unmerge: -s, which undoes the same fp32 delta).
 void lora_add_g_a(SimdPath path, DType dtype, const float* g, const void* a, int64_t cols,
                   int64_t rank, float scale, const Dropout& d, int64_t row_begin,
-                  int64_t row_end, void* out);
+                  int64_t row_end, void* out, const int64_t* row_map = nullptr);
 
 // keep[(t - row_begin) * cols + i] = 1 if element (t, i) is kept, else 0. Scalar: for
 // tests and the ops' float64 path.
 void dropout_keep_mask(const Dropout& d, int64_t cols, int64_t row_begin, int64_t row_end,
                        uint8_t* keep);
+
+// ---- Multi-LoRA (math: csrc/cpu/multi_lora.cpp): n adapters stacked, a_all
+// [n, rank, cols] in dtype, each batch row (`tokens` token rows) picking one ----
+// Groups the token rows by adapter: order lists them adapter by adapter (ascending
+// within one), adapter a's at positions [offsets[a], offsets[a + 1]); rows whose id
+// is -1 are left out. ids in [-1, n_adapters) (the caller checks). order holds
+// batch_rows * tokens entries, offsets n_adapters + 1. Returns offsets[n_adapters].
+int64_t multi_lora_segments(const int64_t* ids, int64_t batch_rows, int64_t tokens,
+                            int64_t n_adapters, int64_t* order, int64_t* offsets);
+
+// lora_x_at for the rows at positions [pos_begin, pos_end) of order, each with its
+// adapter's a_all[a]: out[t] = drop(x)[t] a_all[a]^T, out [T, rank].
+void multi_lora_x_at(SimdPath path, DType dtype, const void* x, const void* a_all, int64_t cols,
+                     int64_t rank, const Dropout& d, const int64_t* order, const int64_t* offsets,
+                     int64_t n_adapters, int64_t pos_begin, int64_t pos_end, void* out);
+
+// lora_add_g_a likewise: out[t] += scale * scales[a] * g[t] a_all[a] where kept
+// (scales null: scale alone).
+void multi_lora_add_g_a(SimdPath path, DType dtype, const float* g, const void* a_all,
+                        int64_t cols, int64_t rank, const float* scales, float scale,
+                        const Dropout& d, const int64_t* order, const int64_t* offsets,
+                        int64_t n_adapters, int64_t pos_begin, int64_t pos_end, void* out);
+
+// lora_gt_x over one adapter's rows: out_all[adapter] [rank, cols] = sum over them of
+// g[t]^T drop(x)[t], columns [col_begin, col_end).
+void multi_lora_gt_x(SimdPath path, DType dtype, const float* g, const void* x, int64_t cols,
+                     int64_t rank, const Dropout& d, const int64_t* order, const int64_t* offsets,
+                     int64_t adapter, int64_t col_begin, int64_t col_end, void* out_all);
 
 }  // namespace pykernels::cpu

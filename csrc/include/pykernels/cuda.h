@@ -98,4 +98,23 @@ cudaError_t lora_add_g_a(DType dtype, const float* g, const void* a, int64_t row
                          int64_t rank, float scale, const Dropout& d, void* out,
                          cudaStream_t stream);
 
+// ---- Multi-LoRA (math: csrc/cpu/multi_lora.cpp): a_all [n, rank, cols] in dtype,
+// token_adapter [rows] int64 (each token row's adapter, -1: none), device memory ----
+// out [rows, rank] = drop(x)·a_all[a]ᵀ row by row (rows of adapter -1 untouched).
+cudaError_t multi_lora_x_at(DType dtype, const void* x, const void* a_all,
+                            const int64_t* token_adapter, int64_t rows, int64_t cols,
+                            int64_t rank, const Dropout& d, void* out, cudaStream_t stream);
+
+// out [rows, cols] += scale * scales[a] * (g·a_all[a]) where kept (scales null: scale alone).
+cudaError_t multi_lora_add_g_a(DType dtype, const float* g, const void* a_all,
+                               const int64_t* token_adapter, int64_t rows, int64_t cols,
+                               int64_t rank, const float* scales, float scale, const Dropout& d,
+                               void* out, cudaStream_t stream);
+
+// out_all[a] [rank, cols] = sum over adapter a's rows (order[offsets[a] .. offsets[a + 1]))
+// of g[t]ᵀ·drop(x)[t], for every adapter (zeros for one without rows).
+cudaError_t multi_lora_gt_x(DType dtype, const float* g, const void* x, const int64_t* order,
+                            const int64_t* offsets, int64_t n_adapters, int64_t cols, int64_t rank,
+                            const Dropout& d, void* out_all, cudaStream_t stream);
+
 }  // namespace pykernels::cuda
