@@ -8,3 +8,8 @@ __all__ += ["LoRALinear"]
 from .qlora import QLoRALinear
 
 __all__ += ["QLoRALinear"]
+from .bottleneck import (AdaptedModule, BottleneckAdapter, InsertedAdapter,
+                         add_bottleneck_adapters, remove_bottleneck_adapters)
+
+__all__ += ["AdaptedModule", "BottleneckAdapter", "InsertedAdapter", "add_bottleneck_adapters",
+            "remove_bottleneck_adapters"]

@@ -15,3 +15,6 @@ __all__ += ["lora_dropout_mask", "lora_linear", "lora_merge_"]
 from .qlora import qlora_linear
 
 __all__ += ["qlora_linear"]
+from .bottleneck import bottleneck_adapter
+
+__all__ += ["bottleneck_adapter"]

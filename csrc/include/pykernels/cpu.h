@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 
+#include "pykernels/bottleneck.h"
 #include "pykernels/common.h"
 #include "pykernels/dropout.h"
 
@@ -112,5 +113,22 @@ void lora_add_g_a(SimdPath path, DType dtype, const float* g, const void* a, int
 // tests and the ops' float64 path.
 void dropout_keep_mask(const Dropout& d, int64_t cols, int64_t row_begin, int64_t row_end,
                        uint8_t* keep);
+
+// ---- Bottleneck adapter epilogues (math: csrc/cpu/bottleneck.cpp) ----
+// out = r + s·(act(h·W_downᵀ + b_down)·W_upᵀ + b_up); the two products run in the
+// matmul library, these kernels do the rest in place on their outputs. Every
+// buffer is row-major contiguous in dtype, `rows` rows from the pointers given;
+// every element is computed in fp32 and rounded once per output.
+
+// z [rows, m] (h·W_downᵀ) in place: pre = z + b rounded to dtype, written to
+// pre_out when not null, then z = act(pre).
+void bottleneck_bias_act(SimdPath path, DType dtype, Act act, void* z, const void* bias,
+                         int64_t rows, int64_t m, void* pre_out);
+// out [rows, d] = residual + scale·(up + bias); out may alias residual.
+void bottleneck_epilogue(SimdPath path, DType dtype, const void* up, const void* bias,
+                         const void* residual, int64_t rows, int64_t d, float scale, void* out);
+// g [rows, m] (grad_out·W_up) in place: g = scale·g·act'(pre); a_out = act(pre).
+void bottleneck_act_backward(SimdPath path, DType dtype, Act act, const void* pre, void* g,
+                             int64_t rows, int64_t m, float scale, void* a_out);
 
 }  // namespace pykernels::cpu

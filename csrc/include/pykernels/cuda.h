@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "pykernels/bottleneck.h"
 #include "pykernels/common.h"
 #include "pykernels/dropout.h"
 
@@ -97,5 +98,18 @@ cudaError_t lora_gt_x(DType dtype, const float* g, const void* x, int64_t rows, 
 cudaError_t lora_add_g_a(DType dtype, const float* g, const void* a, int64_t rows, int64_t cols,
                          int64_t rank, float scale, const Dropout& d, void* out,
                          cudaStream_t stream);
+
+// ---- Bottleneck adapter epilogues (math: csrc/cpu/bottleneck.cpp) ----
+// cpu::bottleneck_* on the device, every buffer row-major contiguous in dtype.
+// z [rows, m] in place: pre = z + bias (to pre_out when not null), z = act(pre).
+cudaError_t bottleneck_bias_act(DType dtype, Act act, void* z, const void* bias, int64_t rows,
+                                int64_t m, void* pre_out, cudaStream_t stream);
+// out [rows, d] = residual + scale·(up + bias); up may be out.
+cudaError_t bottleneck_epilogue(DType dtype, const void* up, const void* bias,
+                                const void* residual, int64_t rows, int64_t d, float scale,
+                                void* out, cudaStream_t stream);
+// g [rows, m] in place: g = scale·g·act'(pre); a_out = act(pre).
+cudaError_t bottleneck_act_backward(DType dtype, Act act, const void* pre, void* g, int64_t rows,
+                                    int64_t m, float scale, void* a_out, cudaStream_t stream);
 
 }  // namespace pykernels::cuda
