@@ -6,9 +6,15 @@
 //
 // Forward, a tile of rows at a time: the down product into a [rows, m] buffer,
 // bias + activation in place on it (kernel), the up product straight into
-// out's rows, then out = r + s·(out + b_up) in place (kernel) while those rows
-// are still in L2. So the [T, m] activations never go to memory and no pass
-// over [T, d] is made beyond the product's own write and the epilogue.
+// out's rows, then out = r + s·(out + b_up) in place (kernel). A tile holds as
+// many rows as keep its [rows, m] activations within 1 MiB (L2 is 2 MiB per
+// core here): 2048 rows at m = 256 in bf16, so the activations never go to
+// memory. Smaller tiles, which would keep the up product's [rows, d] in L2 for
+// the epilogue, cost more in the products than they save: oneDNN's bf16 GEMMs
+// on 64-row tiles take 2.5x the time of one 512-row call (d = 4096, m = 256,
+// one thread: 2.9 vs 1.2 ms per product), while the epilogue's own pass over
+// [T, d] costs ~0.7 ms. The products use all of torch's threads; the kernels
+// split their rows with at::parallel_for.
 //
 // Backward: the pre-activation is saved, not recomputed: it is [T, m], 1/16 of
 // h at reduction 16, and recomputing it costs the down product again (a third
@@ -51,42 +57,49 @@ namespace {
 
 DType dtype_of(const at::Tensor& t) { return float_dtype("bottleneck", "h", t.scalar_type()); }
 
+// Rows [begin, end) of a row-major [rows, cols] tensor.
+char* row_ptr(const at::Tensor& t, int64_t row) {
+  return static_cast<char*>(const_cast<void*>(t.const_data_ptr())) + row * t.size(1) * t.element_size();
+}
+
+// Splits t's rows across torch's threads, ~2^16 elements per task at least.
+template <class F> void for_rows(const at::Tensor& t, F&& f) {
+  at::parallel_for(0, t.size(0), std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, t.size(1))),
+                   f);
+}
+
 void cpu_bias_act(Act act, const at::Tensor& z, const at::Tensor& bias, const at::Tensor& pre_out) {
-  cpu::bottleneck_bias_act(active_cpu_path(), dtype_of(z), act, z.mutable_data_ptr(),
-                           bias.const_data_ptr(), z.size(0), z.size(1),
-                           pre_out.defined() ? pre_out.mutable_data_ptr() : nullptr);
+  const cpu::SimdPath path = active_cpu_path();
+  for_rows(z, [&](int64_t begin, int64_t end) {
+    cpu::bottleneck_bias_act(path, dtype_of(z), act, row_ptr(z, begin), bias.const_data_ptr(),
+                             end - begin, z.size(1),
+                             pre_out.defined() ? row_ptr(pre_out, begin) : nullptr);
+  });
 }
 
 void cpu_epilogue(const at::Tensor& up, const at::Tensor& bias, const at::Tensor& residual,
                   double scale, const at::Tensor& out) {
-  cpu::bottleneck_epilogue(active_cpu_path(), dtype_of(out), up.const_data_ptr(),
-                           bias.const_data_ptr(), residual.const_data_ptr(), out.size(0),
-                           out.size(1), float(scale), out.mutable_data_ptr());
+  const cpu::SimdPath path = active_cpu_path();
+  for_rows(out, [&](int64_t begin, int64_t end) {
+    cpu::bottleneck_epilogue(path, dtype_of(out), row_ptr(up, begin), bias.const_data_ptr(),
+                             row_ptr(residual, begin), end - begin, out.size(1), float(scale),
+                             row_ptr(out, begin));
+  });
 }
 
 void cpu_act_backward(Act act, const at::Tensor& pre, const at::Tensor& g, double scale,
                       const at::Tensor& a_out) {
-  const int64_t m = g.size(1);
   const cpu::SimdPath path = active_cpu_path();
-  const DType dtype = dtype_of(g);
-  const int64_t elem = g.element_size();
-  at::parallel_for(0, g.size(0), std::max<int64_t>(1, 16384 / std::max<int64_t>(1, m)),
-                   [&](int64_t begin, int64_t end) {
-                     const int64_t off = begin * m * elem;
-                     cpu::bottleneck_act_backward(
-                         path, dtype, act, static_cast<const char*>(pre.const_data_ptr()) + off,
-                         static_cast<char*>(g.mutable_data_ptr()) + off, end - begin, m, float(scale),
-                         static_cast<char*>(a_out.mutable_data_ptr()) + off);
-                   });
+  for_rows(g, [&](int64_t begin, int64_t end) {
+    cpu::bottleneck_act_backward(path, dtype_of(g), act, row_ptr(pre, begin), row_ptr(g, begin),
+                                 end - begin, g.size(1), float(scale), row_ptr(a_out, begin));
+  });
 }
 
-// Rows per forward tile. The tile's [rows, d] slice of out is written by the up
-// product and read back by the epilogue: it must stay in L2 (2 MiB per core
-// here). Measured, bf16, d = 4096, m = 256, T = 512, one thread (adapter alone):
-// see bench/bench_bottleneck.py.
-constexpr int64_t kCpuTileRows = 64;
+// Bytes of [rows, m] activations per forward tile (see the top of the file).
+constexpr int64_t kCpuTileBytes = int64_t(1) << 20;
 
-constexpr Kernels kCpuKernels{cpu_bias_act, cpu_epilogue, cpu_act_backward, kCpuTileRows};
+constexpr Kernels kCpuKernels{cpu_bias_act, cpu_epilogue, cpu_act_backward, kCpuTileBytes};
 
 // ---- ATen's ops, for float64 and devices without kernels ----
 
@@ -213,21 +226,18 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter(
   const at::Tensor wdt = w_down.detach().t(), wut = w_up.detach().t();
   at::Tensor out = at::empty({rows, d}, h.options());
   at::Tensor pre = at::empty({save_pre ? rows : 0, m}, h.options());
-  const int64_t tile = k.tile_rows > 0 ? k.tile_rows : std::max<int64_t>(rows, 1);
-  const auto run_tiles = [&](int64_t first, int64_t last) {
-    at::Tensor z_buf = at::empty({std::min(tile, rows), m}, h.options());
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t t0 = i * tile, n = std::min(tile, rows - t0);
-      const at::Tensor z = z_buf.narrow(0, 0, n), o = out.narrow(0, t0, n);
-      at::mm_out(const_cast<at::Tensor&>(z), h2d.narrow(0, t0, n), wdt);
-      k.bias_act(act, z, bd, save_pre ? pre.narrow(0, t0, n) : at::Tensor());
-      at::mm_out(const_cast<at::Tensor&>(o), z, wut);
-      k.epilogue(o, bu, r2d.narrow(0, t0, n), scale, o);
-    }
-  };
-  const int64_t tiles = ceil_div(rows, tile);
-  if (h.is_cpu()) at::parallel_for(0, tiles, 1, run_tiles);
-  else run_tiles(0, tiles);
+  const int64_t tile = k.tile_bytes > 0
+                           ? std::max<int64_t>(64, k.tile_bytes / (m * h.element_size()))
+                           : rows;
+  at::Tensor z_buf = at::empty({std::min(tile, rows), m}, h.options());
+  for (int64_t t0 = 0; t0 < rows; t0 += tile) {
+    const int64_t n = std::min(tile, rows - t0);
+    at::Tensor z = z_buf.narrow(0, 0, n), o = out.narrow(0, t0, n);
+    at::mm_out(z, h2d.narrow(0, t0, n), wdt);
+    k.bias_act(act, z, bd, save_pre ? pre.narrow(0, t0, n) : at::Tensor());
+    at::mm_out(o, z, wut);
+    k.epilogue(o, bu, r2d.narrow(0, t0, n), scale, o);
+  }
   return {out.view(h.sizes()), save_pre ? pre.view(with_last_dim(h, m)) : pre};
 }
 

@@ -18,8 +18,8 @@ struct Kernels {
   // g [rows, m] in place: g = scale·g·act'(pre); a_out = act(pre).
   void (*act_backward)(Act act, const at::Tensor& pre, const at::Tensor& g, double scale,
                        const at::Tensor& a_out);
-  // Rows per tile of the forward (0: every row in one tile).
-  int64_t tile_rows;
+  // Bytes of [rows, m] activations per forward tile (0: every row in one tile).
+  int64_t tile_bytes;
 };
 
 #ifdef PYKERNELS_WITH_CUDA
