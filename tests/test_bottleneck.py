@@ -23,13 +23,13 @@ ACTS = ["relu", "gelu", "silu"]
 SHAPES = [((200,), 96, 6), ((7,), 65, 1), ((2, 5), 33, 17), ((3, 40), 130, 8), ((), 40, 3)]
 
 
-def make(lead, d, m, dtype, seed=0):
+def make(lead, d, m, dtype, seed=0, device="cpu"):
     """h, residual, w_down, b_down, w_up, b_up in dtype; up nonzero so the adapter matters."""
     g = torch.Generator().manual_seed(seed)
     ts = (torch.randn(*lead, d, generator=g), torch.randn(*lead, d, generator=g),
           torch.randn(m, d, generator=g) / math.sqrt(d), torch.randn(m, generator=g) * 0.5,
           torch.randn(d, m, generator=g) / math.sqrt(m), torch.randn(d, generator=g) * 0.5)
-    return tuple(t.to(dtype) for t in ts)
+    return tuple(t.to(device, dtype) for t in ts)
 
 
 def run(fn, h, r, wd, bd, wu, bu, dy, separate_residual):
@@ -42,9 +42,9 @@ def run(fn, h, r, wd, bd, wu, bu, dy, separate_residual):
             bu.grad)
 
 
-def check(lead, d, m, dtype, act, separate_residual=True, scale=1.3):
-    ts = make(lead, d, m, dtype)
-    dy = torch.randn(*lead, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+def check(lead, d, m, dtype, act, separate_residual=True, scale=1.3, device="cpu"):
+    ts = make(lead, d, m, dtype, device=device)
+    dy = torch.randn(*lead, d, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     ours = run(lambda h, *w: ops.bottleneck_adapter(h, *w[:4], act, scale, w[4]), *ts, dy,
                separate_residual)
 
@@ -58,7 +58,7 @@ def check(lead, d, m, dtype, act, separate_residual=True, scale=1.3):
         if want is None:
             assert got is None
             continue
-        assert got.dtype == dtype and got.shape == want.shape, name
+        assert got.dtype == dtype and got.shape == want.shape and got.device == want.device, name
         assert_rule(got, lo, want, f"{name} {dtype} {act} {lead}x{d} m{m}")
 
 
@@ -67,6 +67,29 @@ def check(lead, d, m, dtype, act, separate_residual=True, scale=1.3):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference(dtype, act, shape):
     check(*shape, dtype, act)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", [((2, 300), 4096, 256), ((7,), 65, 1)])
+def test_cuda_matches_reference(dtype, act, shape):
+    check(*shape, dtype, act, device="cuda")
+    check(*shape, dtype, act, separate_residual=False, device="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_layer_matches_cpu_and_opcheck():
+    torch.manual_seed(0)
+    layer = BottleneckAdapter(64, bottleneck_dim=8, act="silu")
+    nn.init.normal_(layer.up.weight)
+    cuda_layer = BottleneckAdapter(64, bottleneck_dim=8, act="silu").cuda()
+    cuda_layer.load_state_dict(layer.state_dict())
+    h = torch.randn(5, 64)
+    torch.testing.assert_close(cuda_layer(h.cuda()).cpu(), layer(h))
+    h, r, wd, bd, wu, bu = make((3, 4), 40, 6, torch.bfloat16, device="cuda")
+    torch.library.opcheck(torch.ops.pykernels.bottleneck_adapter,
+                          (h, r, wd, bd, wu, bu, "gelu", 0.5, True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
