@@ -187,7 +187,9 @@ def test_opcheck(dtype):
     pre = (h @ wd.t() + bd).detach()
     torch.library.opcheck(torch.ops.pykernels.bottleneck_adapter_backward,
                           (torch.randn_like(h).to(dtype), h.detach(), pre, wd.detach(), wu.detach(),
-                           "gelu", 0.5, True))
+                           "gelu", 0.5, True, False))
+    torch.library.opcheck(torch.ops.pykernels.bottleneck_adapter,
+                          (h, None, wd, bd, wu, bu, "relu", 0.5, True))
 
 
 def test_compile_fullgraph():

@@ -11,6 +11,7 @@
 //                            pre-activation saved for the backward
 //   bottleneck_epilogue      out = r + s·(tile + b_up) on the [rows, d] tile
 //   bottleneck_act_backward  dz = s·(dy·W_up)·act'(pre) and a = act(pre), [T, m]
+//   bottleneck_column_sum    the bias gradients' sums over rows, in fp32
 #include <stdexcept>
 
 #include "bottleneck_paths.h"
@@ -45,6 +46,11 @@ void bottleneck_epilogue(SimdPath path, DType dtype, const void* up, const void*
 void bottleneck_act_backward(SimdPath path, DType dtype, Act act, const void* pre, void* g,
                              int64_t rows, int64_t m, float scale, void* a_out) {
   PK_BOTTLENECK_DISPATCH(bottleneck_act_backward, dtype, act, pre, g, rows, m, scale, a_out);
+}
+
+void bottleneck_column_sum(SimdPath path, DType dtype, const void* x, int64_t rows, int64_t cols,
+                           int64_t col_begin, int64_t col_end, float* out) {
+  PK_BOTTLENECK_DISPATCH(bottleneck_column_sum, dtype, x, rows, cols, col_begin, col_end, out);
 }
 
 #undef PK_BOTTLENECK_DISPATCH

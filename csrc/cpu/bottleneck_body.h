@@ -56,6 +56,17 @@ void act_backward_loop(const Elem<D>* pre, Elem<D>* g, int64_t rows, int64_t m, 
   }
 }
 
+template <DType D>
+void column_sum_loop(const Elem<D>* x, int64_t rows, int64_t cols, int64_t col_begin,
+                     int64_t col_end, float* out) {
+  const int64_t width = col_end - col_begin;
+  for (int64_t j = 0; j < width; ++j) out[j] = 0.0f;
+  for (int64_t t = 0; t < rows; ++t) {
+    const Elem<D>* row = x + t * cols + col_begin;
+    for (int64_t j = 0; j < width; ++j) out[j] += load_as_float<D>(row, j);
+  }
+}
+
 // Runs `call` with A bound to act.
 #define PK_BOTTLENECK_ACT_SWITCH(call)          \
   switch (act) {                                \
@@ -107,6 +118,14 @@ void PK_BOTTLENECK_NAME(bottleneck_act_backward)(DType dtype, Act act, const voi
                        PK_BOTTLENECK_ACT_SWITCH((act_backward_loop<D, A>(
                            static_cast<const E*>(pre), static_cast<E*>(g), rows, m, scale,
                            static_cast<E*>(a_out)))));
+}
+
+void PK_BOTTLENECK_NAME(bottleneck_column_sum)(DType dtype, const void* x, int64_t rows,
+                                               int64_t cols, int64_t col_begin, int64_t col_end,
+                                               float* out) {
+  PK_LORA_DTYPE_SWITCH("bottleneck_column_sum",
+                       (column_sum_loop<D>(static_cast<const E*>(x), rows, cols, col_begin,
+                                           col_end, out)));
 }
 
 #undef PK_BOTTLENECK_NAME

@@ -14,7 +14,9 @@ namespace pykernels::cpu {
                                     const void* residual, int64_t rows, int64_t d, float scale,   \
                                     void* out);                                                   \
   void bottleneck_act_backward_##suffix(DType dtype, Act act, const void* pre, void* g,          \
-                                        int64_t rows, int64_t m, float scale, void* a_out);
+                                        int64_t rows, int64_t m, float scale, void* a_out);  \
+  void bottleneck_column_sum_##suffix(DType dtype, const void* x, int64_t rows, int64_t cols,    \
+                                      int64_t col_begin, int64_t col_end, float* out);
 PK_BOTTLENECK_PATH(scalar)
 PK_BOTTLENECK_PATH(avx2)
 PK_BOTTLENECK_PATH(avx512)

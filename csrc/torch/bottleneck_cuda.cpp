@@ -17,13 +17,14 @@
 namespace pykernels::binding::bottleneck {
 
 std::tuple<at::Tensor, at::Tensor> bottleneck_adapter(
-    const at::Tensor& h, const at::Tensor& residual, const at::Tensor& w_down,
+    const at::Tensor& h, const std::optional<at::Tensor>& residual, const at::Tensor& w_down,
     const at::Tensor& b_down, const at::Tensor& w_up, const at::Tensor& b_up,
     c10::string_view act_name, double scale, bool save_pre);
 std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 bottleneck_adapter_backward(const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& pre,
                             const at::Tensor& w_down, const at::Tensor& w_up,
-                            c10::string_view act_name, double scale, bool need_grad_h);
+                            c10::string_view act_name, double scale, bool need_grad_h,
+                            bool add_grad_out);
 
 namespace {
 
@@ -58,7 +59,7 @@ void cuda_act_backward(Act act, const at::Tensor& pre, const at::Tensor& g, doub
 
 }  // namespace
 
-const Kernels kCudaKernels{cuda_bias_act, cuda_epilogue, cuda_act_backward, 0};
+const Kernels kCudaKernels{cuda_bias_act, cuda_epilogue, cuda_act_backward, aten_column_sum, 0};
 
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
   m.impl("bottleneck_adapter", &bottleneck_adapter);

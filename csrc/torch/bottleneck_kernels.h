@@ -18,9 +18,14 @@ struct Kernels {
   // g [rows, m] in place: g = scale·g·act'(pre); a_out = act(pre).
   void (*act_backward)(Act act, const at::Tensor& pre, const at::Tensor& g, double scale,
                        const at::Tensor& a_out);
+  // out (fp32; float64 for float64 x) [cols] = x [rows, cols] summed over rows.
+  void (*column_sum)(const at::Tensor& x, const at::Tensor& out);
   // Bytes of [rows, m] activations per forward tile (0: every row in one tile).
   int64_t tile_bytes;
 };
+
+// column_sum with at::sum: where it is fast (CUDA) or no kernel runs.
+void aten_column_sum(const at::Tensor& x, const at::Tensor& out);
 
 #ifdef PYKERNELS_WITH_CUDA
 extern const Kernels kCudaKernels;

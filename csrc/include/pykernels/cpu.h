@@ -130,5 +130,9 @@ void bottleneck_epilogue(SimdPath path, DType dtype, const void* up, const void*
 // g [rows, m] (grad_out·W_up) in place: g = scale·g·act'(pre); a_out = act(pre).
 void bottleneck_act_backward(SimdPath path, DType dtype, Act act, const void* pre, void* g,
                              int64_t rows, int64_t m, float scale, void* a_out);
+// out[j - col_begin] = sum over t of x[t, j] in fp32, rows in order, for the columns
+// [col_begin, col_end) of x [rows, cols]: the bias gradients.
+void bottleneck_column_sum(SimdPath path, DType dtype, const void* x, int64_t rows, int64_t cols,
+                           int64_t col_begin, int64_t col_end, float* out);
 
 }  // namespace pykernels::cpu
