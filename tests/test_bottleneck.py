@@ -19,8 +19,10 @@ from helpers import assert_rule
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTS = ["relu", "gelu", "silu"]
-# (leading dims, d, m): odd sizes; 200 rows = several 64-row tiles and a short one.
-SHAPES = [((200,), 96, 6), ((7,), 65, 1), ((2, 5), 33, 17), ((3, 40), 130, 8), ((), 40, 3)]
+# (leading dims, d, m): odd sizes; m = 4096 makes the forward's tiles (1 MiB of [rows, m])
+# 64 rows in fp32, 128 in fp16/bf16, so 210 rows take several tiles and a short one.
+SHAPES = [((200,), 96, 6), ((7,), 65, 1), ((2, 5), 33, 17), ((3, 40), 130, 8), ((), 40, 3),
+          ((3, 70), 24, 4096)]
 
 
 def make(lead, d, m, dtype, seed=0, device="cpu"):

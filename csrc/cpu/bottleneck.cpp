@@ -6,10 +6,11 @@
 // The two products stay with the matmul library (oneDNN's AMX for bf16 here:
 // a hand-written AVX-512 product would cost ~10% of a decoder block where the
 // target is 2%); the binding (csrc/torch/bottleneck.cpp) runs them a tile of
-// rows at a time into small buffers and these kernels do the rest in place:
-//   bottleneck_bias_act      z = act(h·W_downᵀ + b_down) on the [rows, m] tile, the
+// rows at a time, the down product into a small buffer and the up product into
+// out's rows, and these kernels do the rest in place:
+//   bottleneck_activate      z = act(h·W_downᵀ + b_down) on the [rows, m] tile, the
 //                            pre-activation saved for the backward
-//   bottleneck_epilogue      out = r + s·(tile + b_up) on the [rows, d] tile
+//   bottleneck_epilogue      out = r + s·(out + b_up) on the tile's [rows, d] of out
 //   bottleneck_act_backward  dz = s·(dy·W_up)·act'(pre) and a = act(pre), [T, m]
 //   bottleneck_column_sum    the bias gradients' sums over rows, in fp32
 #include <stdexcept>
@@ -33,9 +34,9 @@ namespace pykernels::cpu {
   }                                        \
   name##_scalar(__VA_ARGS__)
 
-void bottleneck_bias_act(SimdPath path, DType dtype, Act act, void* z, const void* bias,
-                         int64_t rows, int64_t m, void* pre_out) {
-  PK_BOTTLENECK_DISPATCH(bottleneck_bias_act, dtype, act, z, bias, rows, m, pre_out);
+void bottleneck_activate(SimdPath path, DType dtype, Act act, void* z, int64_t rows, int64_t m,
+                         void* pre_out) {
+  PK_BOTTLENECK_DISPATCH(bottleneck_activate, dtype, act, z, rows, m, pre_out);
 }
 
 void bottleneck_epilogue(SimdPath path, DType dtype, const void* up, const void* bias,

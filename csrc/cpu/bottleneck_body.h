@@ -9,24 +9,18 @@
 // silu's expf stay libm calls per element: they touch only the [T, m]
 // bottleneck, 1/16 of the [T, d] the epilogue touches at reduction 16.
 //
-// Everything here has internal linkage except the three suffixed entry points.
+// Everything here has internal linkage except the four suffixed entry points.
 
 namespace pykernels::cpu {
 namespace {
 
-template <DType D> inline float rounded(float v) {
-  Elem<D> e;
-  store_from_float<D>(&e, 0, v);
-  return load_as_float<D>(&e, 0);
-}
-
 template <DType D, Act A>
-void bias_act_loop(Elem<D>* z, const Elem<D>* bias, int64_t rows, int64_t m, Elem<D>* pre_out) {
+void activate_loop(Elem<D>* z, int64_t rows, int64_t m, Elem<D>* pre_out) {
   for (int64_t t = 0; t < rows; ++t) {
     Elem<D>* zr = z + t * m;
     for (int64_t j = 0; j < m; ++j) {
-      const float pre = rounded<D>(load_as_float<D>(zr, j) + load_as_float<D>(bias, j));
-      if (pre_out != nullptr) store_from_float<D>(pre_out + t * m, j, pre);
+      const float pre = load_as_float<D>(zr, j);
+      if (pre_out != nullptr) pre_out[t * m + j] = zr[j];
       store_from_float<D>(zr, j, act_forward(A, pre));
     }
   }
@@ -94,12 +88,11 @@ void column_sum_loop(const Elem<D>* x, int64_t rows, int64_t cols, int64_t col_b
 #define PK_BOTTLENECK_CAT(a, b) PK_BOTTLENECK_CAT2(a, b)
 #define PK_BOTTLENECK_NAME(name) PK_BOTTLENECK_CAT(name##_, PK_BOTTLENECK_SUFFIX)
 
-void PK_BOTTLENECK_NAME(bottleneck_bias_act)(DType dtype, Act act, void* z, const void* bias,
-                                             int64_t rows, int64_t m, void* pre_out) {
-  PK_LORA_DTYPE_SWITCH("bottleneck_bias_act",
-                       PK_BOTTLENECK_ACT_SWITCH((bias_act_loop<D, A>(
-                           static_cast<E*>(z), static_cast<const E*>(bias), rows, m,
-                           static_cast<E*>(pre_out)))));
+void PK_BOTTLENECK_NAME(bottleneck_activate)(DType dtype, Act act, void* z, int64_t rows,
+                                             int64_t m, void* pre_out) {
+  PK_LORA_DTYPE_SWITCH("bottleneck_activate",
+                       PK_BOTTLENECK_ACT_SWITCH((activate_loop<D, A>(
+                           static_cast<E*>(z), rows, m, static_cast<E*>(pre_out)))));
 }
 
 void PK_BOTTLENECK_NAME(bottleneck_epilogue)(DType dtype, const void* up, const void* bias,

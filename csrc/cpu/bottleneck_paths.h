@@ -8,8 +8,8 @@
 namespace pykernels::cpu {
 
 #define PK_BOTTLENECK_PATH(suffix)                                                                \
-  void bottleneck_bias_act_##suffix(DType dtype, Act act, void* z, const void* bias,              \
-                                    int64_t rows, int64_t m, void* pre_out);                      \
+  void bottleneck_activate_##suffix(DType dtype, Act act, void* z, int64_t rows, int64_t m,      \
+                                    void* pre_out);                                               \
   void bottleneck_epilogue_##suffix(DType dtype, const void* up, const void* bias,                \
                                     const void* residual, int64_t rows, int64_t d, float scale,   \
                                     void* out);                                                   \

@@ -2,8 +2,8 @@
 // elementwise steps between and after the two products, which the binding
 // (csrc/torch/bottleneck_cuda.cpp via bottleneck.cpp) runs through cuBLAS.
 // One thread per element, grid-stride; fp32 arithmetic rounded per operation
-// (mul_rn / add_rn, no FMA contraction) so bias + activation for relu and the
-// epilogue give the CPU's bits; gelu and silu use the device's erff / expf,
+// (mul_rn / add_rn, no FMA contraction) so relu and the epilogue give the
+// CPU's bits; gelu and silu use the device's erff / expf,
 // within an ulp or two of glibc's.
 #include "launch.h"
 #include "pykernels/bottleneck.h"
@@ -14,21 +14,13 @@ namespace {
 
 template <DType D> using Elem = typename Storage<D>::type;
 
-template <DType D> __device__ __forceinline__ float rounded(float v) {
-  Elem<D> e;
-  store_from_float<D>(&e, 0, v);
-  return load_as_float<D>(&e, 0);
-}
-
 template <DType D>
 __global__ void __launch_bounds__(kThreads)
-    bias_act_kernel(Act act, Elem<D>* z, const Elem<D>* bias, int64_t n, int64_t m,
-                    Elem<D>* pre_out) {
+    activate_kernel(Act act, Elem<D>* z, int64_t n, Elem<D>* pre_out) {
   for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * kThreads) {
-    const float pre = rounded<D>(add_rn(load_as_float<D>(z, i), load_as_float<D>(bias, i % m)));
-    if (pre_out != nullptr) store_from_float<D>(pre_out, i, pre);
-    store_from_float<D>(z, i, act_forward(act, pre));
+    if (pre_out != nullptr) pre_out[i] = z[i];
+    store_from_float<D>(z, i, act_forward(act, load_as_float<D>(z, i)));
   }
 }
 
@@ -58,15 +50,14 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-cudaError_t bottleneck_bias_act(DType dtype, Act act, void* z, const void* bias, int64_t rows,
-                                int64_t m, void* pre_out, cudaStream_t stream) {
+cudaError_t bottleneck_activate(DType dtype, Act act, void* z, int64_t rows, int64_t m,
+                                void* pre_out, cudaStream_t stream) {
   const int64_t n = rows * m;
   if (n == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     constexpr DType D = decltype(tag)::value;
-    bias_act_kernel<D><<<ctas_for(n, kThreads), kThreads, 0, stream>>>(
-        act, static_cast<Elem<D>*>(z), static_cast<const Elem<D>*>(bias), n, m,
-        static_cast<Elem<D>*>(pre_out));
+    activate_kernel<D><<<ctas_for(n, kThreads), kThreads, 0, stream>>>(
+        act, static_cast<Elem<D>*>(z), n, static_cast<Elem<D>*>(pre_out));
     return cudaGetLastError();
   });
 }

@@ -4,8 +4,8 @@
 //                                and the pre-activation [T, m] when asked (training)
 //   bottleneck_adapter_backward  dh, dW_down, db_down, dW_up, db_up (dr = dout: Python)
 //
-// Forward, a tile of rows at a time: the down product into a [rows, m] buffer,
-// bias + activation in place on it (kernel), the up product straight into
+// Forward, a tile of rows at a time: the down product (+ b_down) into a
+// [rows, m] buffer, the activation in place on it (kernel), the up product straight into
 // out's rows, then out = r + s·(out + b_up) in place (kernel). A tile holds as
 // many rows as keep its [rows, m] activations within 1 MiB (L2 is 2 MiB per
 // core here): 2048 rows at m = 256 in bf16, so the activations never go to
@@ -68,11 +68,10 @@ template <class F> void for_rows(const at::Tensor& t, F&& f) {
                    f);
 }
 
-void cpu_bias_act(Act act, const at::Tensor& z, const at::Tensor& bias, const at::Tensor& pre_out) {
+void cpu_activate(Act act, const at::Tensor& z, const at::Tensor& pre_out) {
   const cpu::SimdPath path = active_cpu_path();
   for_rows(z, [&](int64_t begin, int64_t end) {
-    cpu::bottleneck_bias_act(path, dtype_of(z), act, row_ptr(z, begin), bias.const_data_ptr(),
-                             end - begin, z.size(1),
+    cpu::bottleneck_activate(path, dtype_of(z), act, row_ptr(z, begin), end - begin, z.size(1),
                              pre_out.defined() ? row_ptr(pre_out, begin) : nullptr);
   });
 }
@@ -113,7 +112,7 @@ void cpu_column_sum(const at::Tensor& x, const at::Tensor& out) {
 // Bytes of [rows, m] activations per forward tile (see the top of the file).
 constexpr int64_t kCpuTileBytes = int64_t(1) << 20;
 
-constexpr Kernels kCpuKernels{cpu_bias_act, cpu_epilogue, cpu_act_backward, cpu_column_sum,
+constexpr Kernels kCpuKernels{cpu_activate, cpu_epilogue, cpu_act_backward, cpu_column_sum,
                              kCpuTileBytes};
 
 // ---- ATen's ops, for float64 and devices without kernels ----
@@ -127,9 +126,7 @@ at::Tensor act_of(Act act, const at::Tensor& z) {
   return z;
 }
 
-void composite_bias_act(Act act, const at::Tensor& z, const at::Tensor& bias,
-                        const at::Tensor& pre_out) {
-  z.add_(bias);
+void composite_activate(Act act, const at::Tensor& z, const at::Tensor& pre_out) {
   if (pre_out.defined()) pre_out.copy_(z);
   z.copy_(act_of(act, z));
 }
@@ -151,7 +148,7 @@ void composite_act_backward(Act act, const at::Tensor& pre, const at::Tensor& g,
   a_out.copy_(act_of(act, pre));
 }
 
-constexpr Kernels kCompositeKernels{composite_bias_act, composite_epilogue,
+constexpr Kernels kCompositeKernels{composite_activate, composite_epilogue,
                                     composite_act_backward, aten_column_sum, 0};
 
 }  // namespace
@@ -259,8 +256,10 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter(
   for (int64_t t0 = 0; t0 < rows; t0 += tile) {
     const int64_t n = std::min(tile, rows - t0);
     at::Tensor z = z_buf.narrow(0, 0, n), o = out.narrow(0, t0, n);
-    at::mm_out(z, h2d.narrow(0, t0, n), wdt);
-    k.bias_act(act, z, bd, save_pre ? pre.narrow(0, t0, n) : at::Tensor());
+    // b_down added by the product, as nn.Linear does: one rounding of h·W_downᵀ + b,
+    // so relu's mask is nn.Linear's (a second rounding flips signs near zero).
+    at::addmm_out(z, bd, h2d.narrow(0, t0, n), wdt);
+    k.activate(act, z, save_pre ? pre.narrow(0, t0, n) : at::Tensor());
     at::mm_out(o, z, wut);
     k.epilogue(o, bu, r2d.narrow(0, t0, n), scale, o);
   }

@@ -32,11 +32,10 @@ DType dtype_of(const at::Tensor& t) { return float_dtype("bottleneck", "h", t.sc
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-void cuda_bias_act(Act act, const at::Tensor& z, const at::Tensor& bias,
-                   const at::Tensor& pre_out) {
+void cuda_activate(Act act, const at::Tensor& z, const at::Tensor& pre_out) {
   const c10::cuda::CUDAGuard guard(z.device());
-  C10_CUDA_CHECK(cuda::bottleneck_bias_act(
-      dtype_of(z), act, z.mutable_data_ptr(), bias.const_data_ptr(), z.size(0), z.size(1),
+  C10_CUDA_CHECK(cuda::bottleneck_activate(
+      dtype_of(z), act, z.mutable_data_ptr(), z.size(0), z.size(1),
       pre_out.defined() ? pre_out.mutable_data_ptr() : nullptr, current_stream()));
 }
 
@@ -59,7 +58,7 @@ void cuda_act_backward(Act act, const at::Tensor& pre, const at::Tensor& g, doub
 
 }  // namespace
 
-const Kernels kCudaKernels{cuda_bias_act, cuda_epilogue, cuda_act_backward, aten_column_sum, 0};
+const Kernels kCudaKernels{cuda_activate, cuda_epilogue, cuda_act_backward, aten_column_sum, 0};
 
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
   m.impl("bottleneck_adapter", &bottleneck_adapter);

@@ -10,8 +10,8 @@ namespace pykernels::binding::bottleneck {
 
 // Tensors are 2-D, contiguous, one dtype (fp32, fp16, bf16), on the device.
 struct Kernels {
-  // z [rows, m] in place: pre = z + bias, copied to pre_out when defined; z = act(pre).
-  void (*bias_act)(Act act, const at::Tensor& z, const at::Tensor& bias, const at::Tensor& pre_out);
+  // z [rows, m] in place: copied to pre_out when defined; z = act(z).
+  void (*activate)(Act act, const at::Tensor& z, const at::Tensor& pre_out);
   // out [rows, d] = residual + scale·(up + bias); up may be out itself.
   void (*epilogue)(const at::Tensor& up, const at::Tensor& bias, const at::Tensor& residual,
                    double scale, const at::Tensor& out);

@@ -120,10 +120,10 @@ void dropout_keep_mask(const Dropout& d, int64_t cols, int64_t row_begin, int64_
 // buffer is row-major contiguous in dtype, `rows` rows from the pointers given;
 // every element is computed in fp32 and rounded once per output.
 
-// z [rows, m] (h·W_downᵀ) in place: pre = z + b rounded to dtype, written to
-// pre_out when not null, then z = act(pre).
-void bottleneck_bias_act(SimdPath path, DType dtype, Act act, void* z, const void* bias,
-                         int64_t rows, int64_t m, void* pre_out);
+// z [rows, m] (h·W_downᵀ + b_down, from the product) in place: copied to pre_out
+// when not null (the backward's pre-activation), then z = act(z).
+void bottleneck_activate(SimdPath path, DType dtype, Act act, void* z, int64_t rows, int64_t m,
+                         void* pre_out);
 // out [rows, d] = residual + scale·(up + bias); out may alias residual.
 void bottleneck_epilogue(SimdPath path, DType dtype, const void* up, const void* bias,
                          const void* residual, int64_t rows, int64_t d, float scale, void* out);

@@ -101,9 +101,9 @@ cudaError_t lora_add_g_a(DType dtype, const float* g, const void* a, int64_t row
 
 // ---- Bottleneck adapter epilogues (math: csrc/cpu/bottleneck.cpp) ----
 // cpu::bottleneck_* on the device, every buffer row-major contiguous in dtype.
-// z [rows, m] in place: pre = z + bias (to pre_out when not null), z = act(pre).
-cudaError_t bottleneck_bias_act(DType dtype, Act act, void* z, const void* bias, int64_t rows,
-                                int64_t m, void* pre_out, cudaStream_t stream);
+// z [rows, m] in place: copied to pre_out when not null, then z = act(z).
+cudaError_t bottleneck_activate(DType dtype, Act act, void* z, int64_t rows, int64_t m,
+                                void* pre_out, cudaStream_t stream);
 // out [rows, d] = residual + scale·(up + bias); up may be out.
 cudaError_t bottleneck_epilogue(DType dtype, const void* up, const void* bias,
                                 const void* residual, int64_t rows, int64_t d, float scale,
