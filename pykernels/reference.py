@@ -168,3 +168,15 @@ def multi_lora(x: torch.Tensor, base: torch.Tensor, lora_A: torch.Tensor, lora_B
         xa = torch.nn.functional.linear(dropped[rows], lora_A[a])
         out[rows] = out[rows] + torch.nn.functional.linear(xa, lora_B[a]) * float(scales[a])
     return out
+
+# ---- Bottleneck adapters ----
+
+def bottleneck_adapter(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor,
+                       w_up: torch.Tensor, b_up: torch.Tensor, act: str = "relu",
+                       scale: float = 1.0, residual=None) -> torch.Tensor:
+    """residual + scale·(act(h·w_downᵀ + b_down)·w_upᵀ + b_up) in the inputs' dtype,
+    in the order a plain nn.Module adapter computes it (residual defaults to h).
+    Differentiable by autograd."""
+    acts = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
+    z = acts[act](torch.nn.functional.linear(h, w_down, b_down))
+    return (h if residual is None else residual) + torch.nn.functional.linear(z, w_up, b_up) * scale

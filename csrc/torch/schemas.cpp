@@ -76,4 +76,20 @@ TORCH_LIBRARY_FRAGMENT(pykernels, m) {
       "multi_lora_backward(Tensor grad_out, Tensor x, Tensor lora_A, Tensor lora_B, "
       "Tensor scales, Tensor ids, Tensor xa, float dropout_p, Tensor seed, bool need_grad_x) "
       "-> (Tensor? grad_x, Tensor grad_A, Tensor grad_B)");
+
+// ---- Bottleneck adapters (bottleneck.cpp; kernels csrc/cpu/bottleneck.cpp) ----
+// out = residual + scale·(act(h·w_downᵀ + b_down)·w_upᵀ + b_up), w_down [m, d],
+// w_up [d, m], act one of 'relu', 'gelu' (exact erf), 'silu', residual h when None.
+// With save_pre the pre-activation h·w_downᵀ + b_down [..., m] comes back for the
+// backward, else pre is empty. The backward gives dh (when asked; plus grad_out
+// itself with add_grad_out, for residual None), dw_down, db_down, dw_up, db_up; a
+// separate residual's gradient is grad_out itself.
+TORCH_LIBRARY_FRAGMENT(pykernels, m) {
+  m.def(
+      "bottleneck_adapter(Tensor h, Tensor? residual, Tensor w_down, Tensor b_down, Tensor w_up, "
+      "Tensor b_up, str act, float scale, bool save_pre) -> (Tensor out, Tensor pre)");
+  m.def(
+      "bottleneck_adapter_backward(Tensor grad_out, Tensor h, Tensor pre, Tensor w_down, "
+      "Tensor w_up, str act, float scale, bool need_grad_h, bool add_grad_out) -> (Tensor? grad_h, "
+      "Tensor grad_w_down, Tensor grad_b_down, Tensor grad_w_up, Tensor grad_b_up)");
 }

@@ -11,3 +11,9 @@ __all__ += ["QLoRALinear"]
 from .multi_lora import MultiLoRALinear, adapter_ids, set_adapter_ids
 
 __all__ += ["MultiLoRALinear", "adapter_ids", "set_adapter_ids"]
+
+from .bottleneck import (AdaptedModule, BottleneckAdapter, InsertedAdapter,
+                         add_bottleneck_adapters, remove_bottleneck_adapters)
+
+__all__ += ["AdaptedModule", "BottleneckAdapter", "InsertedAdapter", "add_bottleneck_adapters",
+            "remove_bottleneck_adapters"]

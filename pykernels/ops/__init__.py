@@ -18,3 +18,7 @@ __all__ += ["qlora_linear"]
 from .multi_lora import multi_lora
 
 __all__ += ["multi_lora"]
+
+from .bottleneck import bottleneck_adapter
+
+__all__ += ["bottleneck_adapter"]

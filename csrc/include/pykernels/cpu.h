@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 
+#include "pykernels/bottleneck.h"
 #include "pykernels/common.h"
 #include "pykernels/dropout.h"
 
@@ -143,5 +144,26 @@ void multi_lora_add_g_a(SimdPath path, DType dtype, const float* g, const void* 
 void multi_lora_gt_x(SimdPath path, DType dtype, const float* g, const void* x, int64_t cols,
                      int64_t rank, const Dropout& d, const int64_t* order, const int64_t* offsets,
                      int64_t adapter, int64_t col_begin, int64_t col_end, void* out_all);
+
+// ---- Bottleneck adapter epilogues (math: csrc/cpu/bottleneck.cpp) ----
+// out = r + s·(act(h·W_downᵀ + b_down)·W_upᵀ + b_up); the two products run in the
+// matmul library, these kernels do the rest in place on their outputs. Every
+// buffer is row-major contiguous in dtype, `rows` rows from the pointers given;
+// every element is computed in fp32 and rounded once per output.
+
+// z [rows, m] (h·W_downᵀ + b_down, from the product) in place: copied to pre_out
+// when not null (the backward's pre-activation), then z = act(z).
+void bottleneck_activate(SimdPath path, DType dtype, Act act, void* z, int64_t rows, int64_t m,
+                         void* pre_out);
+// out [rows, d] = residual + scale·(up + bias); out may alias residual.
+void bottleneck_epilogue(SimdPath path, DType dtype, const void* up, const void* bias,
+                         const void* residual, int64_t rows, int64_t d, float scale, void* out);
+// g [rows, m] (grad_out·W_up) in place: g = scale·g·act'(pre); a_out = act(pre).
+void bottleneck_act_backward(SimdPath path, DType dtype, Act act, const void* pre, void* g,
+                             int64_t rows, int64_t m, float scale, void* a_out);
+// out[j - col_begin] = sum over t of x[t, j] in fp32, rows in order, for the columns
+// [col_begin, col_end) of x [rows, cols]: the bias gradients.
+void bottleneck_column_sum(SimdPath path, DType dtype, const void* x, int64_t rows, int64_t cols,
+                           int64_t col_begin, int64_t col_end, float* out);
 
 }  // namespace pykernels::cpu

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "pykernels/bottleneck.h"
 #include "pykernels/common.h"
 #include "pykernels/dropout.h"
 
@@ -116,5 +117,18 @@ cudaError_t multi_lora_add_g_a(DType dtype, const float* g, const void* a_all,
 cudaError_t multi_lora_gt_x(DType dtype, const float* g, const void* x, const int64_t* order,
                             const int64_t* offsets, int64_t n_adapters, int64_t cols, int64_t rank,
                             const Dropout& d, void* out_all, cudaStream_t stream);
+
+// ---- Bottleneck adapter epilogues (math: csrc/cpu/bottleneck.cpp) ----
+// cpu::bottleneck_* on the device, every buffer row-major contiguous in dtype.
+// z [rows, m] in place: copied to pre_out when not null, then z = act(z).
+cudaError_t bottleneck_activate(DType dtype, Act act, void* z, int64_t rows, int64_t m,
+                                void* pre_out, cudaStream_t stream);
+// out [rows, d] = residual + scale·(up + bias); up may be out.
+cudaError_t bottleneck_epilogue(DType dtype, const void* up, const void* bias,
+                                const void* residual, int64_t rows, int64_t d, float scale,
+                                void* out, cudaStream_t stream);
+// g [rows, m] in place: g = scale·g·act'(pre); a_out = act(pre).
+cudaError_t bottleneck_act_backward(DType dtype, Act act, const void* pre, void* g, int64_t rows,
+                                    int64_t m, float scale, void* a_out, cudaStream_t stream);
 
 }  // namespace pykernels::cuda
