@@ -151,3 +151,29 @@ def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                scale: float) -> torch.Tensor:
     """W + scale·B·A computed in fp32, rounded once to W's dtype."""
     return (weight.float() + scale * (lora_B.float() @ lora_A.float())).to(weight.dtype)
+
+
+# ---- IA³ (pykernels/ops/ia3.py) ----
+
+def ia3_scale(v: torch.Tensor, l: torch.Tensor, bias=None) -> torch.Tensor:
+    """(v + bias) ⊙ l over the last dim, in fp32, rounded once to v's dtype."""
+    out = v.float() if bias is None else v.float() + bias.float()
+    return (out * l.float()).to(v.dtype)
+
+
+def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias, l: torch.Tensor,
+               feedforward: bool) -> torch.Tensor:
+    """peft's IA³ linear in fp32: (x ⊙ l)·Wᵀ + b (feedforward) or (x·Wᵀ + b) ⊙ l."""
+    x, w, l = x.float(), weight.float(), l.float().reshape(-1)
+    b = None if bias is None else bias.float()
+    if feedforward:
+        return torch.nn.functional.linear(x * l, w, b)
+    return torch.nn.functional.linear(x, w, b) * l
+
+
+# ---- prompt tuning (pykernels/ops/prompt.py) ----
+
+def prompt_embed(input_ids: torch.Tensor, weight: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """[B, n + S, D]: the prompt, then the rows of weight the ids pick."""
+    b = input_ids.shape[0]
+    return torch.cat([prompt.expand(b, *prompt.shape), weight[input_ids]], dim=1)

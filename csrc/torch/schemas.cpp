@@ -59,3 +59,22 @@ TORCH_LIBRARY(pykernels, m) {
       "float dropout_p, Tensor seed, bool need_grad_x) "
       "-> (Tensor? grad_x, Tensor grad_A, Tensor grad_B)");
 }
+
+// ---- IA³ (ia3.cpp) and prompt tuning (prompt.cpp) ----
+TORCH_LIBRARY_FRAGMENT(pykernels, m) {
+  // out = (v + bias) ⊙ l over v's last dim, l any float dtype used in fp32: IA³'s
+  // output scaling as an epilogue on y = x·Wᵀ, or its input scaling of x.
+  m.def("ia3_scale(Tensor v, Tensor? bias, Tensor l) -> Tensor");
+  // grad_input = grad ⊙ l (when asked), grad_l = Σ_rows grad ⊙ (v + bias) in l's dtype.
+  m.def(
+      "ia3_scale_backward(Tensor grad, Tensor v, Tensor? bias, Tensor l, bool need_grad_input) "
+      "-> (Tensor? grad_input, Tensor grad_l)");
+  // (x ⊙ l)·Wᵀ + bias, W [out_features, in] stored as in nf4_linear; l folded into W's tiles.
+  m.def(
+      "ia3_nf4_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, int out_features, "
+      "Tensor? bias, Tensor? absmax_scale, Tensor? absmax_code, Tensor? absmax_offset, "
+      "Tensor l) -> Tensor");
+  // out [B, n + S, D]: out[b, :n] = prompt [n, D], out[b, n:] = weight[input_ids[b]];
+  // input_ids int64 [B, S], weight [V, D] in prompt's dtype.
+  m.def("prompt_embed(Tensor input_ids, Tensor weight, Tensor prompt) -> Tensor");
+}

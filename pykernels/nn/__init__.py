@@ -8,3 +8,6 @@ __all__ += ["LoRALinear"]
 from .qlora import QLoRALinear
 
 __all__ += ["QLoRALinear"]
+from .ia3 import IA3Linear
+
+__all__ += ["IA3Linear"]

@@ -15,3 +15,6 @@ __all__ += ["lora_dropout_mask", "lora_linear", "lora_merge_"]
 from .qlora import qlora_linear
 
 __all__ += ["qlora_linear"]
+from .ia3 import ia3_nf4_linear, ia3_scale
+
+__all__ += ["ia3_nf4_linear", "ia3_scale"]

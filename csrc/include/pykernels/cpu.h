@@ -113,4 +113,15 @@ void lora_add_g_a(SimdPath path, DType dtype, const float* g, const void* a, int
 void dropout_keep_mask(const Dropout& d, int64_t cols, int64_t row_begin, int64_t row_end,
                        uint8_t* keep);
 
+// ---- IA³: the elementwise passes around the base matmul (math: csrc/cpu/ia3.cpp) ----
+// v, out, g, dv: row-major [rows, cols] in dtype; bias (nullable), l, dl: fp32 [cols].
+// out[t, j] = (v[t, j] + bias[j]) * l[j] for rows [row_begin, row_end); out may be v.
+void ia3_scale(DType dtype, const void* v, const float* bias, const float* l, int64_t cols,
+               int64_t row_begin, int64_t row_end, void* out);
+// For columns [col_begin, col_end): dl[j] = sum_t g[t, j] * (v[t, j] + bias[j]) over
+// all rows, and (dv not null) dv[t, j] = g[t, j] * l[j].
+void ia3_scale_backward(DType dtype, const void* g, const void* v, const float* bias,
+                        const float* l, int64_t rows, int64_t cols, int64_t col_begin,
+                        int64_t col_end, void* dv, float* dl);
+
 }  // namespace pykernels::cpu

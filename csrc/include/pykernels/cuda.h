@@ -98,4 +98,14 @@ cudaError_t lora_add_g_a(DType dtype, const float* g, const void* a, int64_t row
                          int64_t rank, float scale, const Dropout& d, void* out,
                          cudaStream_t stream);
 
+// ---- IA³ (math: csrc/cpu/ia3.cpp, the same bits for ia3_scale) ----
+cudaError_t ia3_scale(DType dtype, const void* v, const float* bias, const float* l,
+                      int64_t rows, int64_t cols, void* out, cudaStream_t stream);
+// dl sums rows in another order than the CPU (per-CTA partials of 32-row tiles, then a
+// second pass); dv has the CPU's bits. workspace: ia3_scale_backward_workspace floats.
+int64_t ia3_scale_backward_workspace(int64_t rows, int64_t cols);
+cudaError_t ia3_scale_backward(DType dtype, const void* g, const void* v, const float* bias,
+                               const float* l, int64_t rows, int64_t cols, void* dv, float* dl,
+                               float* workspace, cudaStream_t stream);
+
 }  // namespace pykernels::cuda

@@ -1,0 +1,131 @@
+"""IA³ on a Llama-7B-shaped decoder block: one training step (forward + backward)
+with IA³ on k_proj, v_proj (output scaling) and down_proj (input scaling), only
+the IA³ vectors trainable, against the plain block and peft's IA³ on the same
+weights. The block is transformers' LlamaDecoderLayer (hidden 4096, FFN 11008,
+32 heads, 512 tokens, bf16, random weights); the hidden states require grad, as
+in a stack of blocks, so every side runs its input-gradient matmuls.
+
+    python bench/run.py ia3 [--quick] [--threads 1]
+
+Target: pykernels' step / the plain step <= 1.03 (IA³ is two elementwise passes
+per scaled layer against three GEMMs over the block's 202M weights).
+"""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+
+import torch
+from torch import nn
+
+import common
+from pykernels.nn import IA3Linear
+
+TARGETS = ("k_proj", "v_proj", "down_proj")
+BASE, OURS, PEFT = "plain block", "pykernels IA3Linear", "peft IA3"
+
+
+def _block(hidden: int, ffn: int, heads: int, dtype: torch.dtype):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
+                         num_key_value_heads=heads, num_hidden_layers=1)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    block = LlamaDecoderLayer(config, layer_idx=0).to(dtype).requires_grad_(False)
+    for p in block.parameters():  # transformers leaves fresh Linear weights at init scale
+        p.data.normal_(0, 0.02)
+    return block, LlamaRotaryEmbedding(config)
+
+
+def _ours(block: nn.Module) -> nn.Module:
+    ours = copy.deepcopy(block)
+    for parent in list(ours.modules()):
+        for name, child in list(parent.named_children()):
+            if name in TARGETS:
+                setattr(parent, name, IA3Linear.from_linear(child, feedforward=name == "down_proj"))
+    return ours
+
+
+def _peft(block: nn.Module, ours: nn.Module) -> nn.Module:
+    import peft
+
+    config = peft.IA3Config(target_modules=list(TARGETS), feedforward_modules=["down_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.inject_adapter_in_model(config, copy.deepcopy(block))
+    ours_l = {n: p for n, p in ours.named_parameters() if n.endswith("ia3_l")}
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "ia3_l" in n:
+                p.copy_(ours_l[n.removesuffix(".default")])
+    return theirs
+
+
+def _train_step(block, x, pos, dy):
+    def run():
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        out = block(x, position_embeddings=pos)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(dy)
+    return run
+
+
+def bench(hidden, ffn, heads, tokens, dtype, min_time) -> list[dict]:
+    block, rope = _block(hidden, ffn, heads, dtype)
+    ours = _ours(block)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if n.endswith("ia3_l"):
+                p.uniform_(0.5, 1.5)
+    theirs = _peft(block, ours)
+    x = torch.randn(1, tokens, hidden, dtype=dtype, requires_grad=True)
+    dy = torch.randn(1, tokens, hidden, dtype=dtype)
+    pos = rope(x, torch.arange(tokens).unsqueeze(0))
+    with torch.no_grad():  # timing a wrong answer is worse than no timing
+        a = ours(x, position_embeddings=pos)
+        b = theirs(x, position_embeddings=pos)
+        a, b = (t[0] if isinstance(t, tuple) else t for t in (a, b))
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        if err > 2e-2:
+            raise RuntimeError(f"bench_ia3: pykernels and peft outputs differ ({err:.3g})")
+    trainable = {impl: sum(p.numel() for p in m.parameters() if p.requires_grad)
+                 for impl, m in ((OURS, ours), (PEFT, theirs))}
+    if trainable[OURS] != trainable[PEFT]:
+        raise RuntimeError(f"bench_ia3: trainable parameters differ: {trainable}")
+    steps = {BASE: _train_step(block, x, pos, dy), OURS: _train_step(ours, x, pos, dy),
+             PEFT: _train_step(theirs, x, pos, dy)}
+    one_thread = torch.get_num_threads() == 1
+    timings = common.measure(steps, min_time, time.thread_time if one_thread else time.perf_counter)
+    shape = f"{tokens} tok, hidden {hidden}, ffn {ffn}, {heads} heads"
+    rows = [{"kind": "time", "bench": "ia3", "op": "block fwd+bwd", "impl": impl, "shape": shape,
+             "dtype": common.dtype_name(dtype),
+             "clock": "cpu, 1 thread" if one_thread else "wall", **t.fields()}
+            for impl, t in timings.items()]
+    for name, impl, target in (("fwd+bwd: pykernels / plain block", OURS, 1.03),
+                               ("fwd+bwd: peft / plain block", PEFT, None)):
+        value = timings[impl].median_s / timings[BASE].median_s
+        rows.append({"kind": "ratio", "bench": "ia3", "ratio": name, "shape": shape,
+                     "dtype": common.dtype_name(dtype), "value": value,
+                     "value (min)": timings[impl].min_s / timings[BASE].min_s,
+                     "target": "" if target is None else f"<= {target}",
+                     "met": "" if target is None else value <= target})
+    rows.append({"kind": "ratio", "bench": "ia3", "ratio": "fwd+bwd: peft / pykernels",
+                 "shape": shape, "dtype": common.dtype_name(dtype),
+                 "value": timings[PEFT].median_s / timings[OURS].median_s,
+                 "value (min)": timings[PEFT].min_s / timings[OURS].min_s, "target": "",
+                 "met": ""})
+    return rows
+
+
+def run(args) -> list[dict]:
+    if args.quick:
+        return bench(256, 688, 4, 64, torch.bfloat16, 0.1)
+    return bench(4096, 11008, 32, 512, torch.bfloat16, 3.0)
+
+
+if __name__ == "__main__":
+    common.main({"ia3": __name__})
