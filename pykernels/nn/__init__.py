@@ -11,3 +11,6 @@ __all__ += ["QLoRALinear"]
 from .ia3 import IA3Linear
 
 __all__ += ["IA3Linear"]
+from .prompt import PromptEmbedding, PromptTuningLM, prompt_tuning
+
+__all__ += ["PromptEmbedding", "PromptTuningLM", "prompt_tuning"]

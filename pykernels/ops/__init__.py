@@ -18,3 +18,6 @@ __all__ += ["qlora_linear"]
 from .ia3 import ia3_nf4_linear, ia3_scale
 
 __all__ += ["ia3_nf4_linear", "ia3_scale"]
+from .prompt import prompt_embed
+
+__all__ += ["prompt_embed"]

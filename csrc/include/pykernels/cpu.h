@@ -124,4 +124,12 @@ void ia3_scale_backward(DType dtype, const void* g, const void* v, const float* 
                         const float* l, int64_t rows, int64_t cols, int64_t col_begin,
                         int64_t col_end, void* dv, float* dl);
 
+// ---- prompt tuning (math: csrc/cpu/prompt.cpp) ----
+// out [B, n + seq, dim]: out[b, :n] = prompt [n, dim], out[b, n + s] = weight[ids[b, s]]
+// (weight [vocab, dim]; elements of elem_bytes) for b in [batch_begin, batch_end).
+// Returns the flat index b * seq + s of the first id outside [0, vocab), or -1.
+int64_t prompt_embed(int64_t elem_bytes, const int64_t* ids, int64_t seq, const void* weight,
+                     int64_t vocab, int64_t dim, const void* prompt, int64_t n,
+                     int64_t batch_begin, int64_t batch_end, void* out);
+
 }  // namespace pykernels::cpu

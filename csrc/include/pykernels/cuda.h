@@ -108,4 +108,11 @@ cudaError_t ia3_scale_backward(DType dtype, const void* g, const void* v, const 
                                const float* l, int64_t rows, int64_t cols, void* dv, float* dl,
                                float* workspace, cudaStream_t stream);
 
+// ---- prompt tuning (math: csrc/cpu/prompt.cpp, the same bytes) ----
+// *first_bad (one device int64, set to a value >= batch * seq by the caller) ends
+// as the smallest flat index of an id outside [0, vocab), if any; its row is unspecified.
+cudaError_t prompt_embed(int64_t elem_bytes, const int64_t* ids, int64_t batch, int64_t seq,
+                         const void* weight, int64_t vocab, int64_t dim, const void* prompt,
+                         int64_t n, void* out, int64_t* first_bad, cudaStream_t stream);
+
 }  // namespace pykernels::cuda
