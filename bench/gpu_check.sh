@@ -17,7 +17,7 @@
 #
 # $OUT: summary.txt (one line per step), env.txt (GPU, versions, kernel resource
 # usage), build.log, run.log (pytest and benchmark output), junit-cuda.xml,
-# bench_*.log, nf4_cuda.json / .csv and lora_cuda.json / .csv.
+# bench_*.log, nf4_cuda.json / .csv, lora_cuda.json / .csv and ia3_cuda.json / .csv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu}
@@ -83,7 +83,7 @@ rc=$?
 summary "tests: rc=$rc in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/run.log")"
 
 # ---- benchmarks: NF4 dequantize bandwidth; the LoRA step and NF4 linear ----
-for bench in nf4_cuda lora_cuda; do
+for bench in nf4_cuda lora_cuda ia3_cuda; do
   start=$(date +%s)
   timeout "$(limit 120)" $PY bench/bench_$bench.py --out "$OUT" > "$OUT/bench_$bench.log" 2>&1
   rc=$?
