@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import pykernels
 from pykernels import ops, reference
 from pykernels.nn import IA3Linear, NF4Linear
 
@@ -75,6 +76,25 @@ def test_scale_grad_l_sums_many_rows_accurately():
     _, dl = torch.ops.pykernels.ia3_scale_backward(g, v, None, torch.ones(3), False)
     truth = (g.double() * v.double()).sum(0)
     assert (dl.double() - truth).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_cpu_path_gives_the_same_bits(cpu_path, dtype):
+    v = torch.randn(67, 301).to(dtype)  # 301 columns: every vector tail
+    g = torch.randn(67, 301).to(dtype)
+    l, b = torch.rand(301) + 0.5, torch.randn(301).to(dtype)
+    base, x, lx = _nf4_case(dtype, 40, True)  # the tiled NF4 path scales decoded tiles
+    results = []
+    for path in pykernels._C.cpu_paths():
+        cpu_path(path)
+        results.append((path, ops.ia3_scale(v, l, b),
+                        *torch.ops.pykernels.ia3_scale_backward(g, v, b, l, True),
+                        ops.ia3_nf4_linear(x, base.packed, base.absmax, 48, lx, 64, None,
+                                           base.absmax_scale, base.absmax_code,
+                                           base.absmax_offset)))
+    for path, *outs in results[1:]:
+        for u, w in zip(outs, results[0][1:]):
+            assert torch.equal(u, w), path
 
 
 def test_scale_gradcheck_float64():

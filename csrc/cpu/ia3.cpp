@@ -8,99 +8,49 @@
 // For output scaling g = dy and v = x·Wᵀ (b the bias); for input scaling
 // g = dy·W and v = x (no b). Math in fp32, each output rounded once.
 //
-// One source for every path: GCC vectorizes these loops (for the baseline x86-64
-// ISA here, 4 fp32 lanes). bf16 [512, 11008], one thread, thread CPU time, best
-// of 20: forward 4.1 ms (a copy of y: 1.9 ms; torch's (y + b) * l: 5.2 ms;
-// peft's (y * l).to(bf16): 25 ms); backward 16.4 ms with dv, 8.8 ms without
-// (torch, dv and dl in two passes: 43.9 ms).
-#include <algorithm>
+// One source for every path (ia3_loops.h), vectorized by the compiler per
+// instruction set; this file is the scalar path and the dispatcher.
+// bf16 [512, 11008], one thread, thread CPU time, best of 20 (ms), by path
+// scalar (GCC's 4-lane baseline) / AVX2 / AVX-512:
+//   forward (v + b) ⊙ l      5.2 / 2.6 / 1.5-1.7   (a copy of v: 1.05; torch's
+//                            (y + b) * l: 3.5-3.9; peft's (y * l).to(bf16): 7.3-8.1)
+//   backward, dv and dl      6.8 / 4.7 / 3.0-3.7   (torch, two passes: 45-49)
+//   backward, dl only        2.1 / 1.4 / 1.4
+// Each row's slice is read front to back: an earlier layout walking 64-column
+// strips down all rows (a new page per row) took 16.4 ms for the backward.
+#include <vector>
 
-#include "pykernels/cpu.h"
+#include "ia3_loops.h"
 
 namespace pykernels::cpu {
-namespace {
 
-template <DType D>
-using Elem = typename Storage<D>::type;
+PK_IA3_PATH_DEFINE(scalar)
 
-template <DType D>
-void scale(const void* v_, const float* bias, const float* l, int64_t cols, int64_t row_begin,
-           int64_t row_end, void* out_) {
-  const Elem<D>* v = static_cast<const Elem<D>*>(v_);
-  Elem<D>* out = static_cast<Elem<D>*>(out_);
-  for (int64_t t = row_begin; t < row_end; ++t) {
-    const Elem<D>* vr = v + t * cols;
-    Elem<D>* outr = out + t * cols;
-    if (bias) {
-      for (int64_t j = 0; j < cols; ++j)
-        store_from_float<D>(outr, j, (load_as_float<D>(vr, j) + bias[j]) * l[j]);
-    } else {
-      for (int64_t j = 0; j < cols; ++j)
-        store_from_float<D>(outr, j, load_as_float<D>(vr, j) * l[j]);
-    }
+void ia3_scale(SimdPath path, DType dtype, const void* v, const float* bias, const float* l,
+               int64_t cols, int64_t row_begin, int64_t row_end, void* out) {
+  switch (path) {
+    case SimdPath::AVX512: return ia3_scale_avx512(dtype, v, bias, l, cols, row_begin, row_end, out);
+    case SimdPath::AVX2: return ia3_scale_avx2(dtype, v, bias, l, cols, row_begin, row_end, out);
+    case SimdPath::Scalar: break;
   }
+  ia3_scale_scalar(dtype, v, bias, l, cols, row_begin, row_end, out);
 }
 
-// Columns are summed in strips of kStrip, rows in tiles of kRowTile summed from
-// zero and then added: a two-level sum, so a column of 10^5 rows keeps its
-// low bits (fp32 sequential error grows with the row count, tiled with its square root).
-constexpr int64_t kStrip = 64;
-constexpr int64_t kRowTile = 32;
-
-template <DType D>
-void scale_backward(const void* g_, const void* v_, const float* bias, const float* l,
-                    int64_t rows, int64_t cols, int64_t col_begin, int64_t col_end, void* dv_,
-                    float* dl) {
-  const Elem<D>* g = static_cast<const Elem<D>*>(g_);
-  const Elem<D>* v = static_cast<const Elem<D>*>(v_);
-  Elem<D>* dv = static_cast<Elem<D>*>(dv_);
-  float b[kStrip], total[kStrip], part[kStrip];
-  for (int64_t j0 = col_begin; j0 < col_end; j0 += kStrip) {
-    const int64_t w = std::min(kStrip, col_end - j0);
-    for (int64_t j = 0; j < w; ++j) {
-      b[j] = bias ? bias[j0 + j] : 0.0f;
-      total[j] = 0.0f;
-    }
-    for (int64_t t0 = 0; t0 < rows; t0 += kRowTile) {
-      std::fill(part, part + w, 0.0f);
-      for (int64_t t = t0; t < std::min(rows, t0 + kRowTile); ++t) {
-        const Elem<D>* gr = g + t * cols + j0;
-        const Elem<D>* vr = v + t * cols + j0;
-        for (int64_t j = 0; j < w; ++j)
-          part[j] += load_as_float<D>(gr, j) * (load_as_float<D>(vr, j) + b[j]);
-        if (dv) {
-          Elem<D>* dvr = dv + t * cols + j0;
-          for (int64_t j = 0; j < w; ++j) store_from_float<D>(dvr, j, load_as_float<D>(gr, j) * l[j0 + j]);
-        }
-      }
-      for (int64_t j = 0; j < w; ++j) total[j] += part[j];
-    }
-    std::copy(total, total + w, dl + j0);
+void ia3_scale_backward(SimdPath path, DType dtype, const void* g, const void* v,
+                        const float* bias, const float* l, int64_t rows, int64_t cols,
+                        int64_t col_begin, int64_t col_end, void* dv, float* dl) {
+  std::vector<float> scratch(2 * std::max<int64_t>(col_end - col_begin, 0));
+  float* s = scratch.data();
+  switch (path) {
+    case SimdPath::AVX512:
+      return ia3_scale_backward_avx512(dtype, g, v, bias, l, rows, cols, col_begin, col_end, dv,
+                                       dl, s);
+    case SimdPath::AVX2:
+      return ia3_scale_backward_avx2(dtype, g, v, bias, l, rows, cols, col_begin, col_end, dv, dl,
+                                     s);
+    case SimdPath::Scalar: break;
   }
-}
-
-template <class F>
-void dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::F32: return f(std::integral_constant<DType, DType::F32>{});
-    case DType::F16: return f(std::integral_constant<DType, DType::F16>{});
-    case DType::BF16: return f(std::integral_constant<DType, DType::BF16>{});
-  }
-}
-
-}  // namespace
-
-void ia3_scale(DType dtype, const void* v, const float* bias, const float* l, int64_t cols,
-               int64_t row_begin, int64_t row_end, void* out) {
-  dispatch(dtype, [&](auto d) { scale<d()>(v, bias, l, cols, row_begin, row_end, out); });
-}
-
-void ia3_scale_backward(DType dtype, const void* g, const void* v, const float* bias,
-                        const float* l, int64_t rows, int64_t cols, int64_t col_begin,
-                        int64_t col_end, void* dv, float* dl) {
-  dispatch(dtype, [&](auto d) {
-    scale_backward<d()>(g, v, bias, l, rows, cols, col_begin, col_end, dv, dl);
-  });
+  ia3_scale_backward_scalar(dtype, g, v, bias, l, rows, cols, col_begin, col_end, dv, dl, s);
 }
 
 }  // namespace pykernels::cpu

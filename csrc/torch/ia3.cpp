@@ -21,6 +21,7 @@
 #include "ia3_kernels.h"
 #include "nf4_linear.h"
 #include "pykernels/cpu.h"
+#include "simd_choice.h"
 
 namespace pykernels::binding::ia3 {
 namespace {
@@ -29,11 +30,12 @@ void cpu_scale(const at::Tensor& v, const at::Tensor& bias, const at::Tensor& l,
                const at::Tensor& out) {
   const int64_t rows = v.size(0), cols = v.size(1);
   const DType dtype = float_dtype("ia3_scale", "v", v.scalar_type());
+  const cpu::SimdPath path = active_cpu_path();
   const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1)),
                    [&](int64_t begin, int64_t end) {
-                     cpu::ia3_scale(dtype, v.const_data_ptr(), b, l.const_data_ptr<float>(), cols,
-                                    begin, end, out.mutable_data_ptr());
+                     cpu::ia3_scale(path, dtype, v.const_data_ptr(), b, l.const_data_ptr<float>(),
+                                    cols, begin, end, out.mutable_data_ptr());
                    });
 }
 
@@ -41,14 +43,17 @@ void cpu_scale_backward(const at::Tensor& g, const at::Tensor& v, const at::Tens
                         const at::Tensor& l, const at::Tensor& dv, const at::Tensor& dl) {
   const int64_t rows = g.size(0), cols = g.size(1);
   const DType dtype = float_dtype("ia3_scale_backward", "grad", g.scalar_type());
+  const cpu::SimdPath path = active_cpu_path();
   const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  constexpr int64_t kStrip = 64;  // columns a task owns: its slice of dl is written by it alone
-  at::parallel_for(0, ceil_div(cols, kStrip),
-                   std::max<int64_t>(1, 65536 / std::max<int64_t>(rows * kStrip, 1)),
+  // Each task owns a slice of columns (its part of dl is written by it alone),
+  // in units of 64 so slices start on cache lines.
+  constexpr int64_t kUnit = 64;
+  at::parallel_for(0, ceil_div(cols, kUnit),
+                   std::max<int64_t>(1, 65536 / std::max<int64_t>(rows * kUnit, 1)),
                    [&](int64_t begin, int64_t end) {
-                     cpu::ia3_scale_backward(dtype, g.const_data_ptr(), v.const_data_ptr(), b,
-                                             l.const_data_ptr<float>(), rows, cols, begin * kStrip,
-                                             std::min(end * kStrip, cols),
+                     cpu::ia3_scale_backward(path, dtype, g.const_data_ptr(), v.const_data_ptr(), b,
+                                             l.const_data_ptr<float>(), rows, cols, begin * kUnit,
+                                             std::min(end * kUnit, cols),
                                              dv.defined() ? dv.mutable_data_ptr() : nullptr,
                                              dl.mutable_data_ptr<float>());
                    });

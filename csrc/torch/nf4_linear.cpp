@@ -68,7 +68,7 @@ void decode_tile(cpu::SimdPath path, DType dtype, const cpu::NF4Matrix& m, int64
                      char* rows = base + (begin - row_begin) * row_bytes;
                      cpu::nf4_dequantize_tile(path, dtype, m, begin, end, col_begin, col_end, rows);
                      if (in_scale)
-                       cpu::ia3_scale(dtype, rows, nullptr, in_scale + col_begin, width, 0,
+                       cpu::ia3_scale(path, dtype, rows, nullptr, in_scale + col_begin, width, 0,
                                       end - begin, rows);
                    });
 }
@@ -222,8 +222,8 @@ at::Tensor nf4_linear_forward(const char* op, const at::Tensor& x, const NF4View
       // A few rows of x: scaling them costs less than touching W again.
       if (scale) {
         at::Tensor xs = at::empty(x2.sizes(), x2.options());
-        cpu::ia3_scale(dtype, x2.const_data_ptr(), nullptr, scale, w.in_features, 0, tokens,
-                       xs.mutable_data_ptr());
+        cpu::ia3_scale(active_cpu_path(), dtype, x2.const_data_ptr(), nullptr, scale,
+                       w.in_features, 0, tokens, xs.mutable_data_ptr());
         x2 = xs;
       }
       forward_fused(dtype, m, x2, b, y);

@@ -116,13 +116,13 @@ void dropout_keep_mask(const Dropout& d, int64_t cols, int64_t row_begin, int64_
 // ---- IA³: the elementwise passes around the base matmul (math: csrc/cpu/ia3.cpp) ----
 // v, out, g, dv: row-major [rows, cols] in dtype; bias (nullable), l, dl: fp32 [cols].
 // out[t, j] = (v[t, j] + bias[j]) * l[j] for rows [row_begin, row_end); out may be v.
-void ia3_scale(DType dtype, const void* v, const float* bias, const float* l, int64_t cols,
-               int64_t row_begin, int64_t row_end, void* out);
+void ia3_scale(SimdPath path, DType dtype, const void* v, const float* bias, const float* l,
+               int64_t cols, int64_t row_begin, int64_t row_end, void* out);
 // For columns [col_begin, col_end): dl[j] = sum_t g[t, j] * (v[t, j] + bias[j]) over
 // all rows, and (dv not null) dv[t, j] = g[t, j] * l[j].
-void ia3_scale_backward(DType dtype, const void* g, const void* v, const float* bias,
-                        const float* l, int64_t rows, int64_t cols, int64_t col_begin,
-                        int64_t col_end, void* dv, float* dl);
+void ia3_scale_backward(SimdPath path, DType dtype, const void* g, const void* v,
+                        const float* bias, const float* l, int64_t rows, int64_t cols,
+                        int64_t col_begin, int64_t col_end, void* dv, float* dl);
 
 // ---- prompt tuning (math: csrc/cpu/prompt.cpp) ----
 // out [B, n + seq, dim]: out[b, :n] = prompt [n, dim], out[b, n + s] = weight[ids[b, s]]
