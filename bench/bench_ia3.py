@@ -8,7 +8,9 @@ in a stack of blocks, so every side runs its input-gradient matmuls.
     python bench/run.py ia3 [--quick] [--threads 1]
 
 Target: pykernels' step / the plain step <= 1.03 (IA³ is two elementwise passes
-per scaled layer against three GEMMs over the block's 202M weights).
+per scaled layer against three GEMMs over the block's 202M weights). Also one
+scaled layer alone (k_proj 4096->4096, down_proj 11008->4096, 512 tokens), where
+the IA³ passes are a visible share of the time: ours vs peft vs the plain layer.
 """
 from __future__ import annotations
 
@@ -106,14 +108,16 @@ def sides(hidden, ffn, heads, tokens, dtype, device="cpu"):
     return steps, f"{tokens} tok, hidden {hidden}, ffn {ffn}, {heads} heads"
 
 
-def rows_for(timings: dict, shape: str, dtype, clock: str, bench: str = "ia3") -> list[dict]:
+def rows_for(timings: dict, shape: str, dtype, clock: str, bench: str = "ia3",
+             base_name: str = BASE) -> list[dict]:
     """Time rows and the ratios (target: pykernels <= 1.03x the plain block)."""
-    rows = [{"kind": "time", "bench": bench, "op": "block fwd+bwd", "impl": impl, "shape": shape,
+    rows = [{"kind": "time", "bench": bench, "op": "fwd+bwd", "impl": impl, "shape": shape,
              "dtype": common.dtype_name(dtype), "clock": clock, **t.fields()}
             for impl, t in timings.items()]
-    pairs = [("fwd+bwd: pykernels / plain block", OURS, BASE, 1.03)]
+    block = base_name == BASE
+    pairs = [(f"fwd+bwd: pykernels / {base_name}", OURS, base_name, 1.03 if block else None)]
     if PEFT in timings:
-        pairs += [("fwd+bwd: peft / plain block", PEFT, BASE, None),
+        pairs += [(f"fwd+bwd: peft / {base_name}", PEFT, base_name, None),
                   ("fwd+bwd: peft / pykernels", PEFT, OURS, None)]
     for name, num, den, target in pairs:
         value = timings[num].median_s / timings[den].median_s
@@ -134,10 +138,53 @@ def bench(hidden, ffn, heads, tokens, dtype, min_time) -> list[dict]:
     return rows_for(timings, shape, dtype, "cpu, 1 thread" if one_thread else "wall")
 
 
+class _Holder(nn.Module):
+    def __init__(self, layer: nn.Module, name: str):
+        super().__init__()
+        self.add_module(name, layer)
+        self.name = name
+
+    def forward(self, x):
+        return getattr(self, self.name)(x)
+
+
+def bench_layer(name: str, n_in: int, n_out: int, tokens: int, dtype, min_time) -> list[dict]:
+    """One scaled layer alone (k_proj: output scaling; down_proj: input scaling),
+    x requiring grad: where the IA³ passes are a visible share of the time."""
+    base = _Holder(nn.Linear(n_in, n_out, bias=False, dtype=dtype).requires_grad_(False), name)
+    ours = _ours(base)
+    with torch.no_grad():
+        getattr(ours, name).ia3_l.uniform_(0.5, 1.5)
+    theirs = _peft(base, ours)
+    x = torch.randn(tokens, n_in, dtype=dtype, requires_grad=True)
+    dy = torch.randn(tokens, n_out, dtype=dtype)
+
+    def step(m):
+        def run():
+            x.grad = None
+            m.zero_grad(set_to_none=True)
+            m(x).backward(dy)
+        return run
+
+    with torch.no_grad():
+        err = ((ours(x).float() - theirs(x).float()).norm() / theirs(x).float().norm()).item()
+    if err > 2e-2:
+        raise RuntimeError(f"bench_ia3: pykernels and peft {name} outputs differ ({err:.3g})")
+    one_thread = torch.get_num_threads() == 1
+    timings = common.measure({BASE: step(base), OURS: step(ours), PEFT: step(theirs)}, min_time,
+                             time.thread_time if one_thread else time.perf_counter)
+    shape = f"{name} {tokens}x{n_in}->{n_out}"
+    return rows_for({("plain layer" if k == BASE else k): v for k, v in timings.items()}, shape,
+                    dtype, "cpu, 1 thread" if one_thread else "wall", base_name="plain layer")
+
+
 def run(args) -> list[dict]:
     if args.quick:
-        return bench(256, 688, 4, 64, torch.bfloat16, 0.1)
-    return bench(4096, 11008, 32, 512, torch.bfloat16, 3.0)
+        return (bench(256, 688, 4, 64, torch.bfloat16, 0.1)
+                + bench_layer("down_proj", 688, 256, 64, torch.bfloat16, 0.1))
+    return (bench_layer("k_proj", 4096, 4096, 512, torch.bfloat16, 2.0)
+            + bench_layer("down_proj", 11008, 4096, 512, torch.bfloat16, 2.0)
+            + bench(4096, 11008, 32, 512, torch.bfloat16, 8.0))
 
 
 if __name__ == "__main__":
