@@ -18,7 +18,7 @@
 #
 # $OUT: summary.txt (one line per step), env.txt (GPU, versions, kernel resource
 # usage), build.log, run.log (pytest and benchmark output), junit-cuda.xml,
-# bench_*.log, nf4_cuda, lora_cuda, multi_lora_cuda and bottleneck_cuda .json / .csv.
+# bench_*.log, nf4_cuda, lora_cuda, multi_lora_cuda, bottleneck_cuda and ia3_cuda .json / .csv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu}
@@ -84,7 +84,7 @@ rc=$?
 summary "tests: rc=$rc in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/run.log")"
 
 # ---- benchmarks: NF4 dequantize bandwidth; the LoRA step and NF4 linear; the adapters ----
-for bench in nf4_cuda lora_cuda multi_lora_cuda bottleneck_cuda; do
+for bench in nf4_cuda lora_cuda multi_lora_cuda bottleneck_cuda ia3_cuda; do
   start=$(date +%s)
   timeout "$(limit 120)" $PY bench/bench_$bench.py --out "$OUT" > "$OUT/bench_$bench.log" 2>&1
   rc=$?

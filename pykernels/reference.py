@@ -180,3 +180,28 @@ def bottleneck_adapter(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tens
     acts = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
     z = acts[act](torch.nn.functional.linear(h, w_down, b_down))
     return (h if residual is None else residual) + torch.nn.functional.linear(z, w_up, b_up) * scale
+
+# ---- IA³ (pykernels/ops/ia3.py) ----
+
+def ia3_scale(v: torch.Tensor, l: torch.Tensor, bias=None) -> torch.Tensor:
+    """(v + bias) ⊙ l over the last dim, in fp32, rounded once to v's dtype."""
+    out = v.float() if bias is None else v.float() + bias.float()
+    return (out * l.float()).to(v.dtype)
+
+
+def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias, l: torch.Tensor,
+               feedforward: bool) -> torch.Tensor:
+    """peft's IA³ linear in fp32: (x ⊙ l)·Wᵀ + b (feedforward) or (x·Wᵀ + b) ⊙ l."""
+    x, w, l = x.float(), weight.float(), l.float().reshape(-1)
+    b = None if bias is None else bias.float()
+    if feedforward:
+        return torch.nn.functional.linear(x * l, w, b)
+    return torch.nn.functional.linear(x, w, b) * l
+
+
+# ---- prompt tuning (pykernels/ops/prompt.py) ----
+
+def prompt_embed(input_ids: torch.Tensor, weight: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """[B, n + S, D]: the prompt, then the rows of weight the ids pick."""
+    b = input_ids.shape[0]
+    return torch.cat([prompt.expand(b, *prompt.shape), weight[input_ids]], dim=1)

@@ -54,16 +54,22 @@ void check_features(const char* op, const char* arg, const at::Tensor& t, int64_
                     " = ", features, " elements in its last dimension, got shape ", t.sizes());
 }
 
-// W[rows, col_begin:col_end] decoded into the start of tile, threads over rows.
+// W[rows, col_begin:col_end] decoded into the start of tile, threads over rows;
+// with in_scale (fp32 [cols], IA³'s l) each decoded row is scaled by
+// in_scale[col_begin:col_end] while it is still in cache: the tile of W·diag(l).
 void decode_tile(cpu::SimdPath path, DType dtype, const cpu::NF4Matrix& m, int64_t row_begin,
-                 int64_t row_end, int64_t col_begin, int64_t col_end, at::Tensor& tile) {
+                 int64_t row_end, int64_t col_begin, int64_t col_end, at::Tensor& tile,
+                 const float* in_scale = nullptr) {
   const int64_t width = col_end - col_begin;
   char* base = static_cast<char*>(tile.mutable_data_ptr());
   const int64_t row_bytes = width * element_size(dtype);
   at::parallel_for(row_begin, row_end, std::max<int64_t>(1, 65536 / std::max<int64_t>(width, 1)),
                    [&](int64_t begin, int64_t end) {
-                     cpu::nf4_dequantize_tile(path, dtype, m, begin, end, col_begin, col_end,
-                                              base + (begin - row_begin) * row_bytes);
+                     char* rows = base + (begin - row_begin) * row_bytes;
+                     cpu::nf4_dequantize_tile(path, dtype, m, begin, end, col_begin, col_end, rows);
+                     if (in_scale)
+                       cpu::ia3_scale(path, dtype, rows, nullptr, in_scale + col_begin, width, 0,
+                                      end - begin, rows);
                    });
 }
 
@@ -84,7 +90,7 @@ void forward_fused(DType dtype, const cpu::NF4Matrix& m, const at::Tensor& x2,
 }
 
 void forward_tiled(DType dtype, const cpu::NF4Matrix& m, const at::Tensor& x2,
-                   const at::Tensor& bias, at::Tensor& y) {
+                   const at::Tensor& bias, const float* in_scale, at::Tensor& y) {
   const cpu::SimdPath path = active_cpu_path();
   const int64_t tile_elements = kTileBytes / element_size(dtype);
   const int64_t tile_rows =
@@ -92,7 +98,7 @@ void forward_tiled(DType dtype, const cpu::NF4Matrix& m, const at::Tensor& x2,
   at::Tensor tile = at::empty({tile_rows, m.cols}, x2.options());
   for (int64_t r0 = 0; r0 < m.rows; r0 += tile_rows) {
     const int64_t rows = std::min(tile_rows, m.rows - r0);
-    decode_tile(path, dtype, m, r0, r0 + rows, 0, m.cols, tile);
+    decode_tile(path, dtype, m, r0, r0 + rows, 0, m.cols, tile, in_scale);
     const at::Tensor w_t = tile.narrow(0, 0, rows).t();
     at::Tensor y_rows = y.narrow(1, r0, rows);
     if (bias.defined()) at::addmm_out(y_rows, bias.narrow(0, r0, rows), x2, w_t);
@@ -197,7 +203,7 @@ NF4View nf4_view(const char* op, const at::Tensor& packed, const at::Tensor& abs
 }
 
 at::Tensor nf4_linear_forward(const char* op, const at::Tensor& x, const NF4View& w,
-                              const std::optional<at::Tensor>& bias) {
+                              const std::optional<at::Tensor>& bias, const at::Tensor& in_scale) {
   const DType dtype = float_dtype(op, "x", x.scalar_type());
   check_features(op, "x", x, w.in_features, "in_features");
   check_same_device(op, x, "x", w.packed, "packed");
@@ -207,12 +213,23 @@ at::Tensor nf4_linear_forward(const char* op, const at::Tensor& x, const NF4View
     b = bias->contiguous();
   }
   const int64_t tokens = leading_rows(x);
-  const at::Tensor x2 = x.reshape({tokens, w.in_features}).contiguous();
+  at::Tensor x2 = x.reshape({tokens, w.in_features}).contiguous();
   at::Tensor y = at::empty({tokens, w.out_features}, x.options());
   if (tokens > 0 && w.out_features > 0) {
     const cpu::NF4Matrix m = w.matrix();
-    if (tokens <= fused_max_tokens(dtype, false)) forward_fused(dtype, m, x2, b, y);
-    else forward_tiled(dtype, m, x2, b, y);
+    const float* scale = in_scale.defined() ? in_scale.const_data_ptr<float>() : nullptr;
+    if (tokens <= fused_max_tokens(dtype, false)) {
+      // A few rows of x: scaling them costs less than touching W again.
+      if (scale) {
+        at::Tensor xs = at::empty(x2.sizes(), x2.options());
+        cpu::ia3_scale(active_cpu_path(), dtype, x2.const_data_ptr(), nullptr, scale,
+                       w.in_features, 0, tokens, xs.mutable_data_ptr());
+        x2 = xs;
+      }
+      forward_fused(dtype, m, x2, b, y);
+    } else {
+      forward_tiled(dtype, m, x2, b, scale, y);
+    }
   }
   return y.view(with_last_dim(x, w.out_features));
 }

@@ -47,9 +47,12 @@ NF4View nf4_view(const char* op, const at::Tensor& packed, const at::Tensor& abs
                  const std::optional<at::Tensor>& absmax_offset);
 
 // y = x·Wᵀ (+ bias): x [..., in_features] fp32/fp16/bf16, bias [out_features]
-// in x's dtype -> [..., out_features] in x's dtype.
+// in x's dtype -> [..., out_features] in x's dtype. in_scale (fp32 [in_features],
+// IA³'s input scaling, undefined when none) makes it (x ⊙ in_scale)·Wᵀ (+ bias),
+// folded into the decoded tiles of W.
 at::Tensor nf4_linear_forward(const char* op, const at::Tensor& x, const NF4View& w,
-                              const std::optional<at::Tensor>& bias);
+                              const std::optional<at::Tensor>& bias,
+                              const at::Tensor& in_scale = at::Tensor());
 
 // dx = dy·W: dy [..., out_features] -> [..., in_features] in dy's dtype.
 at::Tensor nf4_linear_backward_input(const char* op, const at::Tensor& dy, const NF4View& w);

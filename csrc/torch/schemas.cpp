@@ -92,4 +92,22 @@ TORCH_LIBRARY_FRAGMENT(pykernels, m) {
       "bottleneck_adapter_backward(Tensor grad_out, Tensor h, Tensor pre, Tensor w_down, "
       "Tensor w_up, str act, float scale, bool need_grad_h, bool add_grad_out) -> (Tensor? grad_h, "
       "Tensor grad_w_down, Tensor grad_b_down, Tensor grad_w_up, Tensor grad_b_up)");
+
+// ---- IA³ (ia3.cpp) and prompt tuning (prompt.cpp) ----
+TORCH_LIBRARY_FRAGMENT(pykernels, m) {
+  // out = (v + bias) ⊙ l over v's last dim, l any float dtype used in fp32: IA³'s
+  // output scaling as an epilogue on y = x·Wᵀ, or its input scaling of x.
+  m.def("ia3_scale(Tensor v, Tensor? bias, Tensor l) -> Tensor");
+  // grad_input = grad ⊙ l (when asked), grad_l = Σ_rows grad ⊙ (v + bias) in l's dtype.
+  m.def(
+      "ia3_scale_backward(Tensor grad, Tensor v, Tensor? bias, Tensor l, bool need_grad_input) "
+      "-> (Tensor? grad_input, Tensor grad_l)");
+  // (x ⊙ l)·Wᵀ + bias, W [out_features, in] stored as in nf4_linear; l folded into W's tiles.
+  m.def(
+      "ia3_nf4_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, int out_features, "
+      "Tensor? bias, Tensor? absmax_scale, Tensor? absmax_code, Tensor? absmax_offset, "
+      "Tensor l) -> Tensor");
+  // out [B, n + S, D]: out[b, :n] = prompt [n, D], out[b, n:] = weight[input_ids[b]];
+  // input_ids int64 [B, S], weight [V, D] in prompt's dtype.
+  m.def("prompt_embed(Tensor input_ids, Tensor weight, Tensor prompt) -> Tensor");
 }

@@ -17,3 +17,10 @@ from .bottleneck import (AdaptedModule, BottleneckAdapter, InsertedAdapter,
 
 __all__ += ["AdaptedModule", "BottleneckAdapter", "InsertedAdapter", "add_bottleneck_adapters",
             "remove_bottleneck_adapters"]
+
+from .ia3 import IA3Linear
+
+__all__ += ["IA3Linear"]
+from .prompt import PromptEmbedding, PromptTuningLM, prompt_tuning
+
+__all__ += ["PromptEmbedding", "PromptTuningLM", "prompt_tuning"]

@@ -22,3 +22,10 @@ __all__ += ["multi_lora"]
 from .bottleneck import bottleneck_adapter
 
 __all__ += ["bottleneck_adapter"]
+
+from .ia3 import ia3_nf4_linear, ia3_scale
+
+__all__ += ["ia3_nf4_linear", "ia3_scale"]
+from .prompt import prompt_embed
+
+__all__ += ["prompt_embed"]

@@ -166,4 +166,23 @@ void bottleneck_act_backward(SimdPath path, DType dtype, Act act, const void* pr
 void bottleneck_column_sum(SimdPath path, DType dtype, const void* x, int64_t rows, int64_t cols,
                            int64_t col_begin, int64_t col_end, float* out);
 
+// ---- IA³: the elementwise passes around the base matmul (math: csrc/cpu/ia3.cpp) ----
+// v, out, g, dv: row-major [rows, cols] in dtype; bias (nullable), l, dl: fp32 [cols].
+// out[t, j] = (v[t, j] + bias[j]) * l[j] for rows [row_begin, row_end); out may be v.
+void ia3_scale(SimdPath path, DType dtype, const void* v, const float* bias, const float* l,
+               int64_t cols, int64_t row_begin, int64_t row_end, void* out);
+// For columns [col_begin, col_end): dl[j] = sum_t g[t, j] * (v[t, j] + bias[j]) over
+// all rows, and (dv not null) dv[t, j] = g[t, j] * l[j].
+void ia3_scale_backward(SimdPath path, DType dtype, const void* g, const void* v,
+                        const float* bias, const float* l, int64_t rows, int64_t cols,
+                        int64_t col_begin, int64_t col_end, void* dv, float* dl);
+
+// ---- prompt tuning (math: csrc/cpu/prompt.cpp) ----
+// out [B, n + seq, dim]: out[b, :n] = prompt [n, dim], out[b, n + s] = weight[ids[b, s]]
+// (weight [vocab, dim]; elements of elem_bytes) for b in [batch_begin, batch_end).
+// Returns the flat index b * seq + s of the first id outside [0, vocab), or -1.
+int64_t prompt_embed(int64_t elem_bytes, const int64_t* ids, int64_t seq, const void* weight,
+                     int64_t vocab, int64_t dim, const void* prompt, int64_t n,
+                     int64_t batch_begin, int64_t batch_end, void* out);
+
 }  // namespace pykernels::cpu

@@ -131,4 +131,21 @@ cudaError_t bottleneck_epilogue(DType dtype, const void* up, const void* bias,
 cudaError_t bottleneck_act_backward(DType dtype, Act act, const void* pre, void* g, int64_t rows,
                                     int64_t m, float scale, void* a_out, cudaStream_t stream);
 
+// ---- IA³ (math: csrc/cpu/ia3.cpp, the same bits for ia3_scale) ----
+cudaError_t ia3_scale(DType dtype, const void* v, const float* bias, const float* l,
+                      int64_t rows, int64_t cols, void* out, cudaStream_t stream);
+// dl sums rows in another order than the CPU (per-CTA partials of 32-row tiles, then a
+// second pass); dv has the CPU's bits. workspace: ia3_scale_backward_workspace floats.
+int64_t ia3_scale_backward_workspace(int64_t rows, int64_t cols);
+cudaError_t ia3_scale_backward(DType dtype, const void* g, const void* v, const float* bias,
+                               const float* l, int64_t rows, int64_t cols, void* dv, float* dl,
+                               float* workspace, cudaStream_t stream);
+
+// ---- prompt tuning (math: csrc/cpu/prompt.cpp, the same bytes) ----
+// *first_bad (one device int64, set to a value >= batch * seq by the caller) ends
+// as the smallest flat index of an id outside [0, vocab), if any; its row is unspecified.
+cudaError_t prompt_embed(int64_t elem_bytes, const int64_t* ids, int64_t batch, int64_t seq,
+                         const void* weight, int64_t vocab, int64_t dim, const void* prompt,
+                         int64_t n, void* out, int64_t* first_bad, cudaStream_t stream);
+
 }  // namespace pykernels::cuda
