@@ -76,6 +76,7 @@ TORCH_LIBRARY_FRAGMENT(pykernels, m) {
       "multi_lora_backward(Tensor grad_out, Tensor x, Tensor lora_A, Tensor lora_B, "
       "Tensor scales, Tensor ids, Tensor xa, float dropout_p, Tensor seed, bool need_grad_x) "
       "-> (Tensor? grad_x, Tensor grad_A, Tensor grad_B)");
+}
 
 // ---- Bottleneck adapters (bottleneck.cpp; kernels csrc/cpu/bottleneck.cpp) ----
 // out = residual + scale·(act(h·w_downᵀ + b_down)·w_upᵀ + b_up), w_down [m, d],
@@ -92,6 +93,7 @@ TORCH_LIBRARY_FRAGMENT(pykernels, m) {
       "bottleneck_adapter_backward(Tensor grad_out, Tensor h, Tensor pre, Tensor w_down, "
       "Tensor w_up, str act, float scale, bool need_grad_h, bool add_grad_out) -> (Tensor? grad_h, "
       "Tensor grad_w_down, Tensor grad_b_down, Tensor grad_w_up, Tensor grad_b_up)");
+}
 
 // ---- IA³ (ia3.cpp) and prompt tuning (prompt.cpp) ----
 TORCH_LIBRARY_FRAGMENT(pykernels, m) {
