@@ -342,8 +342,9 @@ def train_steps(model, tokenizer, params, train: list[Example], cfg: Config,
     cfg.steps batches; mean cross-entropy over the answer tokens. Returns the
     losses and the number of tokens the model read."""
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    warmup, decay = max(cfg.warmup, 1), max(cfg.steps - cfg.warmup, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / max(cfg.warmup, 1), (cfg.steps - s) / max(cfg.steps - cfg.warmup, 1)))
+        optimizer, lambda s: min((s + 1) / warmup, (cfg.steps - s) / decay))
     model.train()
     losses, tokens = [], 0
     bar = progress(batches(train, cfg.batch_size, cfg.steps, cfg.seed), total=cfg.steps,

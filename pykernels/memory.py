@@ -228,7 +228,7 @@ class Estimate:
 
     def rows(self) -> list[tuple[str, float]]:
         return [("weights (frozen base + adapters)", self.weights),
-                ("gradients", self.gradients), ("optimizer (AdamW moments, master copy)", self.optimizer),
+                ("gradients", self.gradients), ("optimizer state (AdamW)", self.optimizer),
                 ("activations", self.activations), ("logits (loss tokens)", self.logits),
                 ("total", self.total)]
 
