@@ -30,6 +30,8 @@ def test_few_steps_train_evaluate_merge_save_and_reload(tmp_path):
 
     from pykernels.models import load_model
     fresh, _ = load_model("smollm2")
+    weight = merged.get_input_embeddings().weight
+    fresh.to(device=weight.device, dtype=weight.dtype)  # a GPU run trains in bf16
     adapted = ft.load_adapter(fresh, str(out))
     assert len(adapted) == 210
     assert any(m.lora_B.weight.abs().max() > 0 for m in adapted.values())  # trained, not the init
@@ -39,7 +41,8 @@ def test_few_steps_train_evaluate_merge_save_and_reload(tmp_path):
     with torch.no_grad():
         reloaded = ft.answer_logprobs(fresh, pairs, tokenizer.pad_token_id)
         trained = ft.answer_logprobs(merged, pairs, tokenizer.pad_token_id)
-    torch.testing.assert_close(reloaded, trained, rtol=1e-4, atol=1e-4)
+    tol = 1e-4 if weight.dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(reloaded, trained, rtol=tol, atol=tol)
 
 
 def test_data_formats_and_framing(tmp_path):
