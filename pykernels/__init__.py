@@ -17,3 +17,6 @@ __all__ += ["AdapterModel", "LoRAConfig", "QLoRAConfig", "wrap"]
 from .adapters import IA3Config
 
 __all__ += ["IA3Config"]
+from .adapters import BottleneckConfig
+
+__all__ += ["BottleneckConfig"]

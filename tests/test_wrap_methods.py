@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from pykernels import AdapterModel, IA3Config, LoRAConfig, wrap
-from pykernels.nn import IA3Linear, NF4Linear
+from pykernels import AdapterModel, BottleneckConfig, IA3Config, LoRAConfig, wrap
+from pykernels.nn import AdaptedModule, IA3Linear, LoRALinear, NF4Linear
 
 from test_wrap import count, logits, smollm2, tiny_llama, tokens  # noqa: F401 (smollm2: fixture)
 
@@ -139,3 +139,68 @@ def test_ours_ia3_saved_in_peft_format_loads_in_peft(smollm2, tmp_path):
         peft_model.unload()
     assert (got - base_logits).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+# -- bottleneck adapters ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("placement,sites", [("pfeiffer", 1), ("houlsby", 2), ("parallel", 1)])
+def test_bottleneck_train_save_load_and_no_merge(placement, sites, tmp_path):
+    model, ids = tiny_llama(), tokens()
+    base = logits(model, ids)
+    wrapped = wrap(model, BottleneckConfig(placement=placement, reduction=8, act="gelu"))
+    assert count(wrapped, AdaptedModule) == 2 * sites
+    torch.testing.assert_close(logits(wrapped, ids), base, rtol=0, atol=0)  # up = 0: identity
+    first = sorted(wrapped.adapter_tensors())[:4]
+    assert first == [f"model.layers.0.mlp.adapter.{p}" for p in
+                     ("down.bias", "down.weight", "up.bias", "up.weight")]
+    wrapped.train()
+    wrapped(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert all(p.grad is not None for p in wrapped.adapter_tensors().values())
+    wrapped.eval()
+    perturb(wrapped.adapter_tensors(), 0)
+    adapted = logits(wrapped, ids)
+    assert (adapted - base).abs().max() > 1e-3
+    wrapped.save_adapter(str(tmp_path))
+    loaded = AdapterModel.from_pretrained(tiny_llama(), str(tmp_path))
+    torch.testing.assert_close(logits(loaded, ids), adapted, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="extra layer with a nonlinearity"):
+        loaded.merge_and_unload()
+    with pytest.raises(NotImplementedError, match="no peft format"):
+        loaded.save_adapter(str(tmp_path / "peft"), format="peft")
+    unloaded = loaded.unload()
+    assert count(unloaded, AdaptedModule) == 0
+    torch.testing.assert_close(logits(unloaded, ids), base, rtol=0, atol=0)
+
+
+def test_bottleneck_layers_hybrid_and_switching():
+    model, ids = tiny_llama(), tokens()
+    base = logits(model, ids)
+    hybrid = [LoRAConfig(r=2, target_modules=["down_proj"]),
+              BottleneckConfig(layers=[1], bottleneck_dim=4)]
+    wrapped = wrap(model, hybrid, adapter_name="h")
+    assert count(wrapped, AdaptedModule) == 1 and count(wrapped, LoRALinear) == 2
+    mlp = wrapped.base_model.model.layers[1].mlp
+    assert isinstance(mlp, AdaptedModule) and isinstance(mlp.base_layer.down_proj, LoRALinear)
+    perturb(wrapped.adapter_tensors(), 0)
+    hybrid_logits = logits(wrapped, ids)
+    wrapped.add_adapter("b", BottleneckConfig(placement="houlsby"))
+    wrapped.set_adapter("b")
+    assert count(wrapped, AdaptedModule) == 4 and count(wrapped, LoRALinear) == 0
+    wrapped.set_adapter("h")
+    torch.testing.assert_close(logits(wrapped, ids), hybrid_logits, rtol=0, atol=0)
+    wrapped.set_adapter(None)
+    torch.testing.assert_close(logits(wrapped, ids), base, rtol=0, atol=0)
+
+
+def test_bottleneck_bad_config():
+    with pytest.raises(ValueError, match="placement must be one of houlsby, pfeiffer, parallel"):
+        BottleneckConfig(placement="after")
+    with pytest.raises(ValueError, match="act must be one of"):
+        BottleneckConfig(act="tanh")
+    with pytest.raises(ValueError, match="target_modules is not used"):
+        BottleneckConfig(target_modules=["mlp"])
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="layer 5 out of range"):
+        wrap(model, BottleneckConfig(layers=[5]))
+    assert count(model, AdaptedModule) == 0
