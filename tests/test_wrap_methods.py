@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from pykernels import (AdapterModel, BottleneckConfig, IA3Config, LoRAConfig, PromptTuningConfig,
-                       wrap)
-from pykernels.nn import AdaptedModule, IA3Linear, LoRALinear, NF4Linear, prompt_tuning
+                       QLoRAConfig, wrap)
+from pykernels.nn import (AdaptedModule, IA3Linear, LoRALinear, MultiLoRALinear, NF4Linear,
+                          prompt_tuning)
 
 from test_wrap import count, logits, smollm2, tiny_llama, tokens  # noqa: F401 (smollm2: fixture)
 
@@ -303,3 +304,88 @@ def test_prompt_plus_lora_hybrid_trains_saves_loads_on_smollm2(smollm2, tmp_path
     finally:
         loaded.unload()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# -- mixed batches over named LoRA adapters (multi-LoRA) ---------------------------------------
+
+
+def test_mixed_batch_equals_each_row_alone():
+    model, ids = tiny_llama(), tokens(shape=(4, 7))
+    base = logits(model, ids)
+    wrapped = wrap(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="a")
+    wrapped.add_adapter("b", LoRAConfig(r=4, alpha=4, target_modules=["v_proj", "down_proj"]))
+    for name in ("a", "b"):
+        perturb(wrapped.adapter_tensors(name), ord(name))
+    alone = {}
+    for name in ("a", "b"):
+        wrapped.set_adapter(name)
+        alone[name] = logits(wrapped, ids)
+    rows = ["a", "b", None, "b"]
+    with wrapped.adapter_ids(rows):
+        assert count(wrapped, MultiLoRALinear) == 2 * 3 and count(wrapped, LoRALinear) == 0
+        mixed = logits(wrapped, ids)
+        wrapped.train()
+        wrapped(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        wrapped.eval()
+    assert wrapped.adapter_row_names is None and count(wrapped, MultiLoRALinear) == 0
+    for i, name in enumerate(rows):
+        expected = base[i] if name is None else alone[name][i]
+        torch.testing.assert_close(mixed[i], expected, rtol=1e-5, atol=1e-5)
+    assert (alone["a"] - alone["b"]).abs().max() > 1e-3
+    for name in ("a", "b"):  # both adapters trained through their own parameters
+        assert all(p.grad is not None for p in wrapped.adapter_tensors(name).values())
+    torch.testing.assert_close(logits(wrapped, ids), alone["b"], rtol=0, atol=0)  # b active again
+    wrapped.set_adapter_ids(["a", "a", "b", "__base__"])
+    wrapped.set_adapter("a")  # ends the mixed mode
+    assert count(wrapped, MultiLoRALinear) == 0
+    torch.testing.assert_close(logits(wrapped, ids), alone["a"], rtol=0, atol=0)
+
+
+def test_mixed_batch_bad_input():
+    wrapped = wrap(tiny_llama(), LoRAConfig(r=4), adapter_name="a")
+    wrapped.add_adapter("r2", LoRAConfig(r=2))
+    wrapped.add_adapter("ia3", IA3Config())
+    wrapped.add_adapter("q", QLoRAConfig(r=4, target_modules=["o_proj"]))
+    with pytest.raises(KeyError, match="no adapter named 'c'"):
+        wrapped.set_adapter_ids(["a", "c"])
+    with pytest.raises(ValueError, match="rank 2 differs from the layer's rank 4"):
+        wrapped.set_adapter_ids(["a", "r2"])
+    with pytest.raises(NotImplementedError, match="ia3 adapters cannot serve mixed batches"):
+        wrapped.set_adapter_ids(["ia3", None])
+    with pytest.raises(ValueError, match="adapt different base layers"):
+        wrapped.set_adapter_ids(["a", "q"])
+    assert count(wrapped, MultiLoRALinear) == 0 and count(wrapped, LoRALinear) == 14  # as it was
+
+
+def test_mixed_batch_matches_peft_adapter_names(smollm2, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    base, _, _ = smollm2
+    ids = tokens(base.config.vocab_size, (3, 10), seed=4)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8,
+                                                 target_modules=["q_proj", "v_proj"]),
+                                adapter_name="t1")
+    try:
+        peft_model.add_adapter("t2", LoraConfig(r=4, lora_alpha=16,
+                                                target_modules=["v_proj", "o_proj"]))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+        peft_model.save_pretrained(str(tmp_path))  # t1 and t2 in sub-folders of those names
+        rows = ["t2", "__base__", "t1"]
+        with torch.no_grad():
+            expected = peft_model.eval()(input_ids=ids, adapter_names=rows, use_cache=False).logits
+    finally:
+        peft_model.unload()
+    ours = AdapterModel.from_pretrained(base, str(tmp_path / "t1"), adapter_name="t1")
+    try:
+        ours.load_adapter(str(tmp_path / "t2"), "t2")
+        with ours.adapter_ids(rows):
+            got = logits(ours, ids)
+    finally:
+        ours.unload()
+    plain = logits(base, ids)
+    torch.testing.assert_close(got[1], plain[1], rtol=1e-4, atol=1e-4)
+    assert (got[0] - plain[0]).abs().max() > 1e-2 and (got[2] - plain[2]).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -1,14 +1,16 @@
 """LoRA and QLoRA as adapter methods: configs, layers (nn.LoRALinear,
-nn.QLoRALinear), merging, and peft's LoRA config (peft_type "LORA")."""
+nn.QLoRALinear), merging, mixed batches over named adapters (nn.MultiLoRALinear
+around the adapters' own weights) and peft's LoRA config (peft_type "LORA")."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
+import torch
 from torch import nn
 
 from .. import ops
-from ..nn import LoRALinear, NF4Linear, QLoRALinear
+from ..nn import LoRALinear, MultiLoRALinear, NF4Linear, QLoRALinear
 from .registry import AdapterConfig, AdapterMethod, Replacement, parse_dtype, register_method
 
 
@@ -74,6 +76,18 @@ class LoRAMethod(AdapterMethod):
         layer = replacement.adapted
         layer.merge()  # in place: the base nn.Linear now holds W + s·B·A
         return layer.base_layer
+
+    def mix(self, original: nn.Module, layers: dict[str, nn.Module]) -> MultiLoRALinear:
+        # LoRALinear and QLoRALinear alike: their lora_A / lora_B serve in the mixed layer.
+        mixed = MultiLoRALinear(original)
+        for name, layer in layers.items():
+            mixed.attach_adapter(name, layer.lora_A, layer.lora_B, layer.scaling, layer.dropout)
+        return mixed.train(next(iter(layers.values())).training)
+
+    def route(self, layer: MultiLoRALinear, names: list) -> None:
+        index = {name: i for i, name in enumerate(layer.adapter_names)}
+        layer.row_ids = torch.tensor([index.get(name, -1) for name in names], dtype=torch.int64,
+                                     device=layer.lora_A[layer.adapter_names[0]].weight.device)
 
     def to_peft_config(self, config: LoRAConfig) -> dict:
         return {"peft_type": "LORA", "task_type": None, "r": config.r, "lora_alpha": config.alpha,

@@ -15,15 +15,17 @@ Files (no pickle anywhere):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..nn import NF4Linear
+from ..nn.multi_lora import BASE_ONLY
 from . import lora  # noqa: F401  (registers the LoRA and QLoRA methods)
 from .registry import AdapterConfig, Replacement, method_for, method_for_peft_type
 
@@ -62,6 +64,10 @@ class AdapterModel(nn.Module):
         # adapter name -> one list of Replacements per config
         self._replacements: dict[str, list[list[Replacement]]] = {}
         self.active_adapter: Optional[str] = None
+        # set_adapter_ids: the row names and the mixed layers in the model (the
+        # active adapter's layers are out while they are in)
+        self.adapter_row_names: Optional[list] = None
+        self._mixed: list[Replacement] = []
         self.add_adapter(adapter_name, configs)
         self.set_adapter(adapter_name)
 
@@ -101,6 +107,7 @@ class AdapterModel(nn.Module):
         if name in self.adapter_configs:
             raise ValueError(f"an adapter named {name!r} exists; delete_adapter it first")
         configs = _as_list(configs)
+        self.set_adapter_ids(None)
         active = self.active_adapter
         self._detach(active)
         resolved, attached = [], []
@@ -124,6 +131,7 @@ class AdapterModel(nn.Module):
         """Makes ``name`` the active adapter (None: the bare base model)."""
         if name is not None:
             self._check_name(name)
+        self.set_adapter_ids(None)
         self._detach(self.active_adapter)
         self.active_adapter = None
         self._attach(name)
@@ -132,9 +140,62 @@ class AdapterModel(nn.Module):
     def delete_adapter(self, name: str) -> None:
         """Drops adapter ``name`` (if active, the base model runs bare after)."""
         self._check_name(name)
+        self.set_adapter_ids(None)
         if name == self.active_adapter:
             self.set_adapter(None)
         del self._replacements[name], self.adapter_configs[name]
+
+    # -- mixed batches ---------------------------------------------------------------
+
+    def set_adapter_ids(self, names: Optional[Sequence[Optional[str]]]) -> None:
+        """Per-row adapters for the calls that follow: ``names[i]`` is the adapter of
+        batch row i (None or "__base__": the base model alone), as peft's
+        ``adapter_names``; None goes back to the active adapter for every row.
+
+        The layers the named adapters placed at one path are mixed into one layer
+        (LoRA / QLoRA: a MultiLoRALinear over the adapters' own weights, so
+        training in a mixed batch trains them); at a path an adapter does not
+        adapt, its rows run the base layer. Adapters mixed at one path must share
+        the base layer, rank and dtype. add_adapter / set_adapter /
+        delete_adapter end the mixed mode first."""
+        if self._mixed:
+            self._restore([self._mixed])
+            self._mixed = []
+            self._attach(self.active_adapter)
+        self.adapter_row_names = None
+        if names is None:
+            return
+        names = [None if n == BASE_ONLY else n for n in names]
+        groups: dict[str, tuple] = {}  # path -> (method, original, {name: adapted})
+        for name in dict.fromkeys(n for n in names if n is not None):
+            for method, _, replacements in self._each(name):
+                for rep in replacements:
+                    method_, original, layers = groups.setdefault(
+                        rep.path, (method, rep.original, {}))
+                    if method_ is not method or original is not rep.original:
+                        raise ValueError(f"set_adapter_ids: at {rep.path}, adapter {name!r} "
+                                         f"({method.name}) and {sorted(layers)} ({method_.name}) "
+                                         "adapt different base layers; they cannot share a batch")
+                    layers[name] = rep.adapted
+        mixed = [Replacement(path, original, method.mix(original, layers))
+                 for path, (method, original, layers) in groups.items()]
+        for (method, _, _), rep in zip(groups.values(), mixed):
+            method.route(rep.adapted, names)
+        self._detach(self.active_adapter)
+        for rep in mixed:
+            self.base_model.set_submodule(rep.path, rep.adapted)
+        self._mixed, self.adapter_row_names = mixed, names
+
+    @contextlib.contextmanager
+    def adapter_ids(self, names: Sequence[Optional[str]]) -> Iterator["AdapterModel"]:
+        """``with wrapped.adapter_ids(["a", "b", None]): wrapped(ids)``: set_adapter_ids
+        for the block, the previous per-row names (or none) after."""
+        previous = self.adapter_row_names
+        self.set_adapter_ids(names)
+        try:
+            yield self
+        finally:
+            self.set_adapter_ids(previous)
 
     @property
     def adapters(self) -> list[str]:
@@ -187,7 +248,7 @@ class AdapterModel(nn.Module):
     # -- running ---------------------------------------------------------------------
 
     def _prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if self.active_adapter is not None:
+        if self.active_adapter is not None and not self._mixed:
             for method, config, replacements in self._each(None):
                 args, kwargs = method.prepare_inputs(replacements, config, args, kwargs)
         return args, kwargs
@@ -214,6 +275,7 @@ class AdapterModel(nn.Module):
         into base weights other adapters shared)."""
         if self.active_adapter is None:
             raise ValueError("merge_and_unload: no adapter is active")
+        self.set_adapter_ids(None)
         steps = list(self._each(None))
         for method, _, _ in steps:
             if not method.can_merge:

@@ -26,11 +26,12 @@ Adding a method (IA³, bottleneck adapters, prompt tuning, multi-LoRA):
    ``peft_key`` / ``key_from_peft`` when peft's tensor names are not
    ``base_model.model.<our key>`` (prompt tuning: ``prompt_embeddings``; IA³'s
    ``<path>.ia3_l`` fits the default when the layer's parameter is ``ia3_l``).
-4. several resident adapters in one layer, chosen per batch row (multi-LoRA):
-   the method's layer owns them (add/delete/set_adapter on MultiLoRALinear),
-   and ``prepare_inputs`` takes the per-row adapter ids out of the call's
-   arguments and hands them to its layers; the wrapper's named adapters sit one
-   level above and need nothing new.
+4. mixed batches over the wrapper's named adapters (multi-LoRA):
+   ``AdapterModel.set_adapter_ids(names)`` groups the layers the named
+   adapters placed by path and asks their method to ``mix`` each group into
+   one layer (LoRA: a MultiLoRALinear holding the adapters' own lora_A /
+   lora_B, no copy) and to ``route`` each row to its adapter. A method that
+   does not override ``mix`` cannot be mixed (the wrapper says so).
 
 Our tensor names are ``<module path>.<parameter name inside the adapted
 layer>`` for every parameter the adapted layer has and its base does not, so a
@@ -201,6 +202,18 @@ class AdapterMethod:
                        args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Rewrites the model's forward/generate arguments (prompt tuning)."""
         return args, kwargs
+
+    def mix(self, original: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:
+        """One layer at a path serving several named adapters' layers there (all
+        built around ``original``), each batch row through its own adapter: what
+        AdapterModel.set_adapter_ids puts in the model (multi-LoRA)."""
+        raise NotImplementedError(f"{self.name} adapters cannot serve mixed batches "
+                                  "(set_adapter_ids); one adapter per call: set_adapter")
+
+    def route(self, layer: nn.Module, names: list) -> None:
+        """Tells a layer made by ``mix`` the adapter name of each batch row (None:
+        the base alone; also for a name the layer does not hold)."""
+        raise NotImplementedError(f"{type(self).__name__}.route")
 
     def to_peft_config(self, config: AdapterConfig) -> dict:
         raise NotImplementedError(f"{self.name} adapters have no peft format here")

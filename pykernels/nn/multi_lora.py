@@ -95,29 +95,45 @@ class MultiLoRALinear(nn.Module):
         """Adds adapter ``name`` (B zeros: it changes nothing until trained); returns
         its index. Every adapter shares the layer's rank and dtype (the base's
         dtype unless given)."""
+        if r < 1:
+            raise ValueError(f"add_adapter({name!r}): r must be >= 1, got {r}")
+        dtype = dtype or self.dtype or self._base_dtype()
+        factory = {"device": self._base_device(), "dtype": dtype}
+        lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
+        lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(lora_B.weight)
+        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        return self.attach_adapter(name, lora_A, lora_B, scaling, dropout)
+
+    def attach_adapter(self, name: str, lora_A: nn.Linear, lora_B: nn.Linear, scaling: float,
+                       dropout: float = 0.0) -> int:
+        """Adds adapter ``name`` made of existing modules (a LoRALinear's or
+        QLoRALinear's lora_A / lora_B, shared, not copied; their weights become
+        views of this layer's stacks); returns its index."""
         if not isinstance(name, str) or not name or name == BASE_ONLY or "." in name:
             raise ValueError(f"add_adapter: name must be a non-empty str without '.', not "
                              f"{BASE_ONLY!r}, got {name!r}")
         if name in self.lora_A:
             raise ValueError(f"add_adapter: adapter {name!r} exists already")
-        if r < 1:
-            raise ValueError(f"add_adapter({name!r}): r must be >= 1, got {r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"add_adapter({name!r}): dropout must be in [0, 1), got {dropout}")
-        dtype = dtype or self.dtype or self._base_dtype()
+        r = lora_A.out_features
+        if (lora_A.in_features, lora_B.in_features, lora_B.out_features) != (
+                self.in_features, r, self.out_features):
+            raise ValueError(f"add_adapter({name!r}): lora_A must be [r, {self.in_features}] and "
+                             f"lora_B [{self.out_features}, r], got {list(lora_A.weight.shape)} "
+                             f"and {list(lora_B.weight.shape)}")
         if self.r is not None and r != self.r:
             raise ValueError(f"add_adapter({name!r}): rank {r} differs from the layer's rank "
                              f"{self.r}; all adapters of a layer share one rank")
+        dtype = lora_A.weight.dtype
         if self.dtype is not None and dtype != self.dtype:
             raise TypeError(f"add_adapter({name!r}): dtype {dtype} differs from the layer's "
                             f"adapter dtype {self.dtype}; all adapters of a layer share one dtype")
-        factory = {"device": self._base_device(), "dtype": dtype}
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+        self.lora_A[name], self.lora_B[name] = lora_A, lora_B
         self.r = r
-        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling[name] = scaling
         self.lora_dropout[name] = dropout
         self._restack()
         return len(self.lora_A) - 1
