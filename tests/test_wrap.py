@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import pykernels
-from pykernels import AdapterModel, LoRAConfig, QLoRAConfig, wrap
+from pykernels import AdapterModel, BottleneckConfig, IA3Config, LoRAConfig, QLoRAConfig, wrap
 from pykernels.adapters import AdapterConfig, AdapterMethod, Replacement, read_adapter, registry
 from pykernels.nn import LoRALinear, NF4Linear, QLoRALinear
 
@@ -521,7 +521,9 @@ def test_ddp_gloo_two_processes_match_one(tmp_path):
         torch.testing.assert_close(ddp[key], value.detach(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("config", [LoRAConfig(r=4), QLoRAConfig(r=4)], ids=["lora", "qlora"])
+@pytest.mark.parametrize("config", [LoRAConfig(r=4), QLoRAConfig(r=4), IA3Config(),
+                                    IA3Config(quantize=True), BottleneckConfig(placement="houlsby")],
+                         ids=["lora", "qlora", "ia3", "ia3_nf4", "bottleneck"])
 def test_compile_fullgraph_forward_backward(config):
     """fullgraph=True fails on any graph break, ours or transformers'; one
     training step compiled against the same step in eager mode."""

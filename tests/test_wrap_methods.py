@@ -389,3 +389,23 @@ def test_mixed_batch_matches_peft_adapter_names(smollm2, tmp_path):
     torch.testing.assert_close(got[1], plain[1], rtol=1e-4, atol=1e-4)
     assert (got[0] - plain[0]).abs().max() > 1e-2 and (got[2] - plain[2]).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+# -- the trainable-parameter report, per method ---------------------------------------------------
+
+
+def test_trainable_parameter_report_per_method():
+    """IA³ and prompt tuning against peft's count on the same model; bottleneck
+    adapters (peft has none) against their shapes."""
+    import peft
+    total = sum(p.numel() for p in tiny_llama().parameters())
+    for ours, theirs in ((IA3Config(), peft.IA3Config(task_type="CAUSAL_LM")),
+                         (PromptTuningConfig(num_virtual_tokens=5),
+                          peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))):
+        expected = peft.get_peft_model(tiny_llama(), theirs).get_nb_trainable_parameters()
+        assert wrap(tiny_llama(), ours).trainable_parameters() == expected
+    assert expected == (5 * 64, total + 5 * 64)
+    d, m = 64, 64 // 8
+    per_adapter = 2 * d * m + m + d
+    houlsby = wrap(tiny_llama(), BottleneckConfig(placement="houlsby", reduction=8))
+    assert houlsby.trainable_parameters() == (4 * per_adapter, total + 4 * per_adapter)
