@@ -3,6 +3,7 @@ BottleneckConfig, PromptTuningConfig) and mixed batches over named LoRA
 adapters: targeting, merging, our files, peft's files both ways and peft's
 mixed-batch adapter_names on SmolLM2, the trainable-parameter report, and
 torch.compile(fullgraph=True)."""
+import copy
 import os
 
 import pytest
@@ -409,3 +410,34 @@ def test_trainable_parameter_report_per_method():
     per_adapter = 2 * d * m + m + d
     houlsby = wrap(tiny_llama(), BottleneckConfig(placement="houlsby", reduction=8))
     assert houlsby.trainable_parameters() == (4 * per_adapter, total + 4 * per_adapter)
+
+
+# -- on a GPU: each method in bf16 against the same adapters in fp32 on the CPU -------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("config", [IA3Config(), IA3Config(quantize=True),
+                                    BottleneckConfig(placement="houlsby"),
+                                    PromptTuningConfig(num_virtual_tokens=3), "mixed"],
+                         ids=["ia3", "ia3_nf4", "bottleneck", "prompt", "mixed_lora"])
+def test_methods_in_bf16_match_fp32(config, device):
+    ids = tokens()
+    mixed = config == "mixed"  # two LoRA adapters, one per row
+    wrapped = wrap(tiny_llama(), LoRAConfig(r=4) if mixed else config, adapter_name="a")
+    if mixed:
+        wrapped.add_adapter("b", LoRAConfig(r=4, target_modules=["v_proj"]))
+    for name in wrapped.adapters:
+        perturb(wrapped.adapter_tensors(name), 0, 0.2)
+    low = copy.deepcopy(wrapped).to(device=device, dtype=torch.bfloat16)
+    for model in (wrapped, low):
+        if mixed:
+            model.set_adapter_ids(["a", "b"])
+    expected = logits(wrapped, ids)
+    got = logits(low, ids.to(device))
+    assert got.dtype == torch.bfloat16 and got.device.type == device
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=5e-2, atol=5e-2)
+    low.train()
+    low(input_ids=ids.to(device), labels=ids.to(device), use_cache=False).loss.backward()
+    grads = [p.grad for name in low.adapters for p in low.adapter_tensors(name).values()
+             if p.grad is not None]
+    assert grads and all(g.device.type == device and torch.isfinite(g).all() for g in grads)
