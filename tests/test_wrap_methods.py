@@ -275,6 +275,8 @@ def test_peft_saved_prompt_tuning_loads_here_and_back(smollm2, tmp_path):
 
 
 def test_prompt_plus_lora_hybrid_trains_saves_loads_on_smollm2(smollm2, tmp_path):
+    from transformers import AutoTokenizer
+
     from pykernels.models import cache_dir
     base, ids, _ = smollm2
     tokenizer = os.path.join(cache_dir(), "smollm2-135m-instruct")
@@ -283,28 +285,33 @@ def test_prompt_plus_lora_hybrid_trains_saves_loads_on_smollm2(smollm2, tmp_path
               LoRAConfig(r=4, target_modules=["q_proj", "v_proj"])]
     wrapped = wrap(base, hybrid)
     try:
-        params = list(wrapped.adapter_tensors().values())
-        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        text_ids = AutoTokenizer.from_pretrained(tokenizer)("Answer briefly:")["input_ids"]
+        text_ids = (text_ids * 4)[:4]  # repeated or cropped to the 4 virtual tokens
+        torch.testing.assert_close(wrapped.adapter_tensors()["prompt_embeddings"].detach(),
+                                   base.get_input_embeddings().weight[text_ids], rtol=0, atol=0)
+        optimizer = torch.optim.AdamW(wrapped.adapter_tensors().values(), lr=1e-2)
         wrapped.train()
         losses = []
-        for _ in range(4):
+        for _ in range(2):
             optimizer.zero_grad()
             loss = wrapped(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
         wrapped.eval()
-        expected = logits(wrapped, ids)
+        with torch.no_grad():
+            out = wrapped(input_ids=ids, labels=ids, use_cache=False)
+        losses.append(out.loss.item())
         wrapped.save_adapter(str(tmp_path))
     finally:
         wrapped.unload()
-    assert losses[-1] < losses[0] - 0.1, losses
+    assert losses[0] > losses[1] > losses[2], losses
     loaded = AdapterModel.from_pretrained(base, str(tmp_path))
     try:
         got = logits(loaded, ids)
     finally:
         loaded.unload()
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got, out.logits, rtol=0, atol=0)
 
 
 # -- mixed batches over named LoRA adapters (multi-LoRA) ---------------------------------------
@@ -360,8 +367,8 @@ def test_mixed_batch_bad_input():
 
 def test_mixed_batch_matches_peft_adapter_names(smollm2, tmp_path):
     from peft import LoraConfig, get_peft_model
-    base, _, _ = smollm2
-    ids = tokens(base.config.vocab_size, (3, 10), seed=4)
+    base, ids, plain = smollm2
+    ids, plain = ids.expand(3, -1), plain.expand(3, -1, -1)  # one prompt, three adapters
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8,
                                                  target_modules=["q_proj", "v_proj"]),
                                 adapter_name="t1")
@@ -386,7 +393,6 @@ def test_mixed_batch_matches_peft_adapter_names(smollm2, tmp_path):
             got = logits(ours, ids)
     finally:
         ours.unload()
-    plain = logits(base, ids)
     torch.testing.assert_close(got[1], plain[1], rtol=1e-4, atol=1e-4)
     assert (got[0] - plain[0]).abs().max() > 1e-2 and (got[2] - plain[2]).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
