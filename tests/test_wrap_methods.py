@@ -181,9 +181,10 @@ def test_bottleneck_train_save_load_and_no_merge(placement, sites, tmp_path):
 def test_bottleneck_layers_hybrid_and_switching():
     model, ids = tiny_llama(), tokens()
     base = logits(model, ids)
-    hybrid = [LoRAConfig(r=2, target_modules=["down_proj"]),
-              BottleneckConfig(layers=[1], bottleneck_dim=4)]
+    hybrid = [BottleneckConfig(layers=[1], bottleneck_dim=4),  # attached last all the same
+              LoRAConfig(r=2, target_modules=["down_proj"])]
     wrapped = wrap(model, hybrid, adapter_name="h")
+    assert [c.method for c in wrapped.adapter_configs["h"]] == ["lora", "bottleneck"]
     assert count(wrapped, AdaptedModule) == 1 and count(wrapped, LoRALinear) == 2
     mlp = wrapped.base_model.model.layers[1].mlp
     assert isinstance(mlp, AdaptedModule) and isinstance(mlp.base_layer.down_proj, LoRALinear)

@@ -8,9 +8,8 @@ wrapper). peft has no bottleneck adapters: our file format only.
 Each inserted adapter is one Replacement: the wrapped module (a decoder layer's
 ``mlp``, and for houlsby also its ``self_attn.o_proj``) and the AdaptedModule
 around it; tensors are named ``<path>.adapter.down.weight`` and so on. In a
-hybrid, list a BottleneckConfig after configs that adapt layers inside the
-modules it wraps (LoRA on the MLP projections): the wrapper does not re-target
-layers under a path an earlier config of the adapter replaced.
+hybrid it attaches after the other configs (``wraps_blocks``), which can then
+still adapt the layers inside the modules it wraps (LoRA on the MLP projections).
 """
 from __future__ import annotations
 
@@ -57,6 +56,7 @@ class BottleneckConfig(AdapterConfig):
 
 class BottleneckMethod(AdapterMethod):
     config_class = BottleneckConfig
+    wraps_blocks = True
     no_merge_reason = ("a bottleneck adapter is an extra layer with a nonlinearity, not a "
                        "change of a weight; unload() removes it, or serve the wrapped model")
 

@@ -42,7 +42,9 @@ def _as_list(configs: Configs) -> list[AdapterConfig]:
         raise ValueError("configs: expected an AdapterConfig or a non-empty list of them")
     for config in configs:
         method_for(config)  # raises on a non-config or an unregistered method
-    return configs
+    # Methods that wrap whole blocks (bottleneck adapters around an mlp) go last, so
+    # the others still reach the layers inside them (stable: the given order otherwise).
+    return sorted(configs, key=lambda config: method_for(config).wraps_blocks)
 
 
 class AdapterModel(nn.Module):
