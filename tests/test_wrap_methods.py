@@ -2,7 +2,8 @@
 BottleneckConfig, PromptTuningConfig) and mixed batches over named LoRA
 adapters: targeting, merging, our files, peft's files both ways and peft's
 mixed-batch adapter_names on SmolLM2, the trainable-parameter report, and
-torch.compile(fullgraph=True)."""
+each method in bf16 on a device (cuda with -m cuda). torch.compile(fullgraph=True)
+of these methods: test_wrap.py's compile test, parametrized over them."""
 import copy
 import os
 
@@ -12,10 +13,12 @@ from torch import nn
 
 from pykernels import (AdapterModel, BottleneckConfig, IA3Config, LoRAConfig, PromptTuningConfig,
                        QLoRAConfig, wrap)
+from pykernels.adapters import read_adapter
 from pykernels.nn import (AdaptedModule, IA3Linear, LoRALinear, MultiLoRALinear, NF4Linear,
                           prompt_tuning)
 
-from test_wrap import count, logits, smollm2, tiny_llama, tokens  # noqa: F401 (smollm2: fixture)
+from test_wrap import (count, edit_json, logits, smollm2,  # noqa: F401 (smollm2: a fixture)
+                       tiny_llama, tokens)
 
 
 def perturb(tensors, seed, scale=0.05):
@@ -448,3 +451,16 @@ def test_methods_in_bf16_match_fp32(config, device):
     grads = [p.grad for name in low.adapters for p in low.adapter_tensors(name).values()
              if p.grad is not None]
     assert grads and all(g.device.type == device and torch.isfinite(g).all() for g in grads)
+
+
+def test_peft_files_refused_rather_than_misread(tmp_path):
+    wrapped = wrap(tiny_llama(), IA3Config(), adapter_name="ia3")
+    wrapped.add_adapter("prompt", PromptTuningConfig(num_virtual_tokens=2))
+    for name in wrapped.adapters:
+        wrapped.save_adapter(str(tmp_path / name), name, format="peft")
+    edit_json(tmp_path / "ia3" / "adapter_config.json", lambda c: c.update(fan_in_fan_out=True))
+    with pytest.raises(ValueError, match="fan_in_fan_out=True is not supported"):
+        read_adapter(str(tmp_path / "ia3"))
+    edit_json(tmp_path / "prompt" / "adapter_config.json", lambda c: c.update(task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="task_type must be 'CAUSAL_LM', got 'SEQ_CLS'"):
+        read_adapter(str(tmp_path / "prompt"))

@@ -13,15 +13,18 @@ Adding a method (IA³, bottleneck adapters, prompt tuning, multi-LoRA):
    (JSON-serialisable fields only: dtypes as strings);
 2. an ``AdapterMethod`` subclass, registered with ``register_method``. The
    defaults cover "replace each targeted module with a layer built around it":
-   override ``build`` (IA³: ``IA3Linear.from_linear(module, feedforward)``),
-   ``prepare_base`` when the base itself must change first (QLoRA quantizes
-   it), ``merge`` to hand back a plain module. A method that does not swap
-   targeted modules overrides ``attach`` and returns Replacements of its own
-   kind (bottleneck: a decoder layer's ``mlp`` swapped for mlp-then-adapter;
-   prompt tuning: the input embedding swapped for a pass-through module that
-   also holds the PromptEmbedding) and ``prepare_inputs`` to rewrite the
-   forward's arguments (prepend the virtual tokens' embeddings, widen the
-   attention mask and labels);
+   override ``build`` (LoRA: ``LoRALinear(module, ...)``), ``prepare_base``
+   when the base itself must change first (QLoRA quantizes it), ``merge`` to
+   hand back a plain module (or set ``no_merge_reason`` to say why it cannot).
+   A method whose layer depends on the path, or that does not swap targeted
+   modules, overrides ``attach`` and returns Replacements of its own kind
+   (IA³: input or output scaling by ``feedforward_modules``; bottleneck: a
+   decoder layer's ``mlp`` swapped for mlp-then-adapter, ``wraps_blocks`` so it
+   attaches after the other configs of a hybrid; prompt tuning: the input
+   embedding swapped for a pass-through module that also holds the
+   PromptEmbedding) and ``prepare_inputs`` to rewrite the forward's arguments
+   (prepend the virtual tokens' embeddings, widen the attention mask and
+   labels);
 3. peft interop: ``peft_type``, ``to_peft_config`` / ``from_peft_config``, and
    ``peft_key`` / ``key_from_peft`` when peft's tensor names are not
    ``base_model.model.<our key>`` (prompt tuning: ``prompt_embeddings``; IA³'s
