@@ -321,13 +321,15 @@ def test_prompt_plus_lora_hybrid_trains_saves_loads_on_smollm2(smollm2, tmp_path
 # -- mixed batches over named LoRA adapters (multi-LoRA) ---------------------------------------
 
 
-def test_mixed_batch_equals_each_row_alone():
-    model, ids = tiny_llama(), tokens(shape=(4, 7))
-    base = logits(model, ids)
-    wrapped = wrap(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="a")
-    wrapped.add_adapter("b", LoRAConfig(r=4, alpha=4, target_modules=["v_proj", "down_proj"]))
+@pytest.mark.parametrize("kind", [LoRAConfig, QLoRAConfig], ids=["lora", "qlora"])
+def test_mixed_batch_equals_each_row_alone(kind):
+    ids = tokens(shape=(4, 7))
+    wrapped = wrap(tiny_llama(), kind(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="a")
+    wrapped.add_adapter("b", kind(r=4, alpha=4, target_modules=["v_proj", "down_proj"]))
     for name in ("a", "b"):
         perturb(wrapped.adapter_tensors(name), ord(name))
+    wrapped.set_adapter(None)  # QLoRA: the base is NF4 now, where an adapter quantized it
+    base = logits(wrapped, ids)
     alone = {}
     for name in ("a", "b"):
         wrapped.set_adapter(name)
