@@ -81,7 +81,8 @@ def run(args) -> list[dict]:
         got = forward(ours_mlp, x).float()
         err = (got - want).abs().max().item() / (1 + want.abs().max().item())
         if err > 2e-2:
-            raise RuntimeError(f"bench_bottleneck: pykernels and the plain adapter differ ({err:.3g})")
+            raise RuntimeError(
+                f"bench_bottleneck: pykernels and the plain adapter differ ({err:.3g})")
     shape = f"{tokens}x{d} m{adapter.bottleneck_dim}"
     min_time = 0.2 if args.quick else 4.0
     rows = []
