@@ -143,8 +143,8 @@ def answer_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int
     weights and 49152 logits per token would dominate the activations."""
     rows: dict[tuple[int, ...], int] = {}
     for prompt, answer in pairs:
-        if not answer:
-            raise ValueError("answer_logprobs: every answer needs at least one token")
+        if not prompt or not answer:
+            raise ValueError("answer_logprobs: every prompt and answer needs at least one token")
         rows.setdefault(tuple(prompt + answer[:-1]), len(rows))
     device = model.get_input_embeddings().weight.device
     width = max(len(r) for r in rows)
