@@ -24,7 +24,7 @@ SPECS = {"t0": (6, "relu", 1.0), "t1": (3, "gelu", 0.5), "t2": (9, "silu", 2.0)}
 IDS = [2, -1, 0, 2, 1, 0, -1]  # mixed: groups consecutive and not, unadapted rows
 
 
-def multi(dtype=torch.float32, seed=0):
+def multi(dtype=torch.float32, seed=0, device="cpu"):
     """A MultiBottleneckAdapter holding SPECS, up weights nonzero so each adapter matters."""
     layer = MultiBottleneckAdapter(D)
     g = torch.Generator().manual_seed(seed)
@@ -33,13 +33,13 @@ def multi(dtype=torch.float32, seed=0):
         with torch.no_grad():
             for p in layer.adapters[name].parameters():
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-    return layer
+    return layer.to(device)
 
 
 def reference_rows(layer, h, residual, ids, dtype):
     """The batch row by row through reference.bottleneck_adapter in ``dtype`` (-1: the
     residual), differentiable to h, residual and (copies of) the adapters' weights."""
-    weights = {n: [p.detach().to(dtype).requires_grad_() for p in a.parameters()]
+    weights = {n: [p.detach().cpu().to(dtype).requires_grad_() for p in a.parameters()]
                for n, a in layer.adapters.items()}
     rows = []
     for i, a in enumerate(ids):
@@ -54,19 +54,20 @@ def reference_rows(layer, h, residual, ids, dtype):
     return torch.stack(rows), weights
 
 
-def inputs(dtype, parallel):
+def inputs(dtype, parallel, device="cpu"):
     g = torch.Generator().manual_seed(1)
     h = torch.randn(len(IDS), 5, D, generator=g)
     residual = torch.randn(len(IDS), 5, D, generator=g) if parallel else None
     dy = torch.randn(len(IDS), 5, D, generator=g)
-    return h.to(dtype), None if residual is None else residual.to(dtype), dy.to(dtype)
+    return tuple(None if t is None else t.to(device, dtype) for t in (h, residual, dy))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixed_batch_matches_reference_forward_and_grads(dtype, parallel):
-    layer = multi(dtype)
-    h0, r0, dy = inputs(dtype, parallel)
+def test_mixed_batch_matches_reference_forward_and_grads(dtype, parallel, device):
+    layer = multi(dtype, device=device)
+    h0, r0, dy = inputs(dtype, parallel, device)
     h = h0.clone().requires_grad_()
     r = None if r0 is None else r0.clone().requires_grad_()
     out = layer(h, r, adapter_ids=torch.tensor(IDS))
@@ -76,10 +77,10 @@ def test_mixed_batch_matches_reference_forward_and_grads(dtype, parallel):
             for k, p in a.named_parameters()}
 
     def ref(dt):
-        hr = h0.to(dt).requires_grad_()
-        rr = None if r0 is None else r0.to(dt).requires_grad_()
+        hr = h0.cpu().to(dt).requires_grad_()
+        rr = None if r0 is None else r0.cpu().to(dt).requires_grad_()
         o, weights = reference_rows(layer, hr, rr, IDS, dt)
-        o.backward(dy.to(dt))
+        o.backward(dy.cpu().to(dt))
         res = {"out": o, "dh": hr.grad, "dr": None if rr is None else rr.grad}
         for n, ws in weights.items():
             res |= {f"{n}.{k}": w.grad for (k, _), w in
@@ -91,10 +92,10 @@ def test_mixed_batch_matches_reference_forward_and_grads(dtype, parallel):
         if value is None:
             assert truth[key] is None, key
         elif dtype == torch.float32:
-            torch.testing.assert_close(value.double(), truth[key], rtol=1e-5, atol=1e-5,
+            torch.testing.assert_close(value.cpu().double(), truth[key], rtol=1e-5, atol=1e-5,
                                        msg=key)
         else:
-            assert_rule(value, lowp[key], truth[key], key)
+            assert_rule(value.cpu(), lowp[key], truth[key], key)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -88,6 +88,11 @@ class BottleneckAdapter(nn.Module):
                 f"scale={self.scale:g}")
 
 
+def _take(t: torch.Tensor, rows) -> torch.Tensor:
+    """Rows of a group_rows group: a view when consecutive, else gathered."""
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
 class MultiBottleneckAdapter(RowAdapterLayer):
     """Many named BottleneckAdapters over one feature size ``d``; each batch row of
     ``h`` [rows, ..., d] goes through its own (per-row ids, row_ids.py; -1: none,
@@ -170,13 +175,9 @@ class MultiBottleneckAdapter(RowAdapterLayer):
             return base if a < 0 else adapters[a](h, residual)
         out = base.new_empty(base.shape)
         for a, rows in groups:
-            consecutive = isinstance(rows, slice)
-
-            def take(t: torch.Tensor) -> torch.Tensor:
-                return t[rows] if consecutive else t.index_select(0, rows)
-            piece = take(base) if a < 0 else adapters[a](
-                take(h), None if residual is None else take(residual))
-            if consecutive:
+            piece = _take(base, rows) if a < 0 else adapters[a](
+                _take(h, rows), None if residual is None else _take(residual, rows))
+            if isinstance(rows, slice):
                 out[rows] = piece
             else:
                 out.index_copy_(0, rows, piece)
