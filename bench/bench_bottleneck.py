@@ -46,18 +46,12 @@ class PlainAdapter(nn.Module):
 
 
 def block(quick: bool):
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
     hidden, ffn, heads, tokens = (256, 688, 4, 64) if quick else (4096, 11008, 32, 512)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
-                      num_key_value_heads=heads, num_hidden_layers=1, max_position_embeddings=4096,
-                      attn_implementation="sdpa")
-    torch.manual_seed(0)
-    layer = LlamaDecoderLayer(cfg, layer_idx=0).to(DTYPE).eval().requires_grad_(False)
+    layer, rotary = common.llama_block(hidden, ffn, heads, DTYPE)
+    layer.eval()
     x = torch.randn(1, tokens, hidden, dtype=DTYPE)
     pos = torch.arange(tokens).unsqueeze(0)
-    rope = LlamaRotaryEmbedding(cfg)(x, pos)
-    return layer, x, pos, rope
+    return layer, x, pos, rotary(x, pos)
 
 
 def run(args) -> list[dict]:
@@ -81,7 +75,8 @@ def run(args) -> list[dict]:
         got = forward(ours_mlp, x).float()
         err = (got - want).abs().max().item() / (1 + want.abs().max().item())
         if err > 2e-2:
-            raise RuntimeError(f"bench_bottleneck: pykernels and the plain adapter differ ({err:.3g})")
+            raise RuntimeError(
+                f"bench_bottleneck: pykernels and the plain adapter differ ({err:.3g})")
     shape = f"{tokens}x{d} m{adapter.bottleneck_dim}"
     min_time = 0.2 if args.quick else 4.0
     rows = []

@@ -35,7 +35,8 @@ def bench_tokens(layer, mlps, x, pos, rope, flush, shape) -> list[dict]:
         want, got = forward(mlps[PLAIN], x).float(), forward(mlps[OURS], x).float()
         err = (got - want).abs().max().item() / (1 + want.abs().max().item())
         if err > 2e-2:
-            raise RuntimeError(f"bench_bottleneck_cuda: pykernels and the plain adapter differ ({err:.3g})")
+            raise RuntimeError(
+                f"bench_bottleneck_cuda: pykernels and the plain adapter differ ({err:.3g})")
     rows = []
     xg, dy = x.clone().requires_grad_(), torch.randn_like(x)
 

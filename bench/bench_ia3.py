@@ -33,20 +33,6 @@ TARGETS = ("k_proj", "v_proj", "down_proj")
 BASE, OURS, PEFT = "plain block", "pykernels IA3Linear", "peft IA3"
 
 
-def _block(hidden: int, ffn: int, heads: int, dtype: torch.dtype):
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
-                         num_key_value_heads=heads, num_hidden_layers=1)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    block = LlamaDecoderLayer(config, layer_idx=0).to(dtype).requires_grad_(False)
-    for p in block.parameters():  # transformers leaves fresh Linear weights at init scale
-        p.data.normal_(0, 0.02)
-    return block, LlamaRotaryEmbedding(config)
-
-
 def _ours(block: nn.Module) -> nn.Module:
     ours = copy.deepcopy(block)
     for parent in list(ours.modules()):
@@ -84,7 +70,7 @@ def _train_step(block, x, pos, dy):
 def sides(hidden, ffn, heads, tokens, dtype, device="cpu"):
     """({impl: one training step}, shape label) on device, the outputs checked
     against peft's first (peft's side is left out when peft is not installed)."""
-    block, rope = _block(hidden, ffn, heads, dtype)
+    block, rope = common.llama_block(hidden, ffn, heads, dtype)
     block = block.to(device)
     ours = _ours(block)
     with torch.no_grad():

@@ -140,6 +140,24 @@ def machine_limits(quick: bool) -> tuple[dict, ...]:
     return tuple(rows)
 
 
+def llama_block(hidden: int, ffn: int, heads: int, dtype: torch.dtype):
+    """A Llama decoder block (transformers' LlamaDecoderLayer, sdpa attention) with
+    random frozen weights of std 0.02, and its rotary embedding module: the block
+    the adapter benchmarks put their adapters in (Llama-7B: 4096, 11008, 32)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
+                         num_key_value_heads=heads, num_hidden_layers=1,
+                         max_position_embeddings=4096)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    block = LlamaDecoderLayer(config, layer_idx=0).to(dtype).requires_grad_(False)
+    for p in block.parameters():  # transformers leaves fresh Linear weights at init scale
+        p.data.normal_(0, 0.02)
+    return block, LlamaRotaryEmbedding(config)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 

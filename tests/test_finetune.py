@@ -69,6 +69,13 @@ def test_split_is_balanced_and_disjoint():
     assert 0.35 < drawn.count(" spam") / len(drawn) < 0.65  # balanced draws, not 1 in 8
 
 
+def test_answer_logprobs_rejects_empty_prompt_or_answer():
+    with pytest.raises(ValueError, match="at least one token"):
+        ft.answer_logprobs(torch.nn.Module(), [([], [5])], pad_id=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        ft.answer_logprobs(torch.nn.Module(), [([1, 2], [])], pad_id=0)
+
+
 def test_apply_method_rejects_unknown_method_and_missing_targets():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="method"):

@@ -52,7 +52,8 @@ void cuda_act_backward(Act act, const at::Tensor& pre, const at::Tensor& g, doub
                        const at::Tensor& a_out) {
   const c10::cuda::CUDAGuard guard(g.device());
   C10_CUDA_CHECK(cuda::bottleneck_act_backward(dtype_of(g), act, pre.const_data_ptr(),
-                                               g.mutable_data_ptr(), g.size(0), g.size(1), float(scale),
+                                               g.mutable_data_ptr(), g.size(0), g.size(1),
+                                               float(scale),
                                                a_out.mutable_data_ptr(), current_stream()));
 }
 

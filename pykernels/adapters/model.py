@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..nn import NF4Linear
-from ..nn.multi_lora import BASE_ONLY
+from ..nn.row_ids import BASE_ONLY
 from . import lora  # noqa: F401  (registers the LoRA and QLoRA methods)
 from .registry import AdapterConfig, Replacement, method_for, method_for_peft_type
 

@@ -24,3 +24,7 @@ __all__ += ["IA3Linear"]
 from .prompt import PromptEmbedding, PromptTuningLM, prompt_tuning
 
 __all__ += ["PromptEmbedding", "PromptTuningLM", "prompt_tuning"]
+from .bottleneck import MultiBottleneckAdapter
+from .row_ids import RowAdapterLayer
+
+__all__ += ["MultiBottleneckAdapter", "RowAdapterLayer"]

@@ -23,17 +23,24 @@ back. A bottleneck adapter cannot be merged into the base weights (its
 activation is not linear): "merging" it means keeping the wrapper.
 Insertion does not freeze anything: call ``model.requires_grad_(False)`` first
 to train the adapters alone.
+
+Many adapters at one site (the "10+ tasks in one model" case):
+``add_bottleneck_adapters(model, ..., name="task")`` adds a named adapter to a
+``MultiBottleneckAdapter`` at each site (made on first use), and each batch row
+picks its adapter by per-row ids, the mechanism MultiLoRALinear shares
+(row_ids.py: ``set_adapter_ids(model, ids)`` sets both kinds).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
 
 from .. import ops
 from ..ops.bottleneck import ACTIVATIONS
+from .row_ids import AdapterIds, RowAdapterLayer, check_adapter_name, group_rows
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 
@@ -81,11 +88,111 @@ class BottleneckAdapter(nn.Module):
                 f"scale={self.scale:g}")
 
 
-class AdaptedModule(nn.Module):
-    """``base_layer`` with an adapter after it (``adapter(base(x))``) or beside it
-    (``parallel``: ``adapter(x, residual=base(x))``)."""
+def _take(t: torch.Tensor, rows) -> torch.Tensor:
+    """Rows of a group_rows group: a view when consecutive, else gathered."""
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
-    def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter, parallel: bool = False):
+
+class MultiBottleneckAdapter(RowAdapterLayer):
+    """Many named BottleneckAdapters over one feature size ``d``; each batch row of
+    ``h`` [rows, ..., d] goes through its own (per-row ids, row_ids.py; -1: none,
+    the row passes through as the residual). ``forward(h, residual=None,
+    adapter_ids=None)``.
+
+    The rows are grouped by adapter once (group_rows) and each group runs the
+    fused op on that adapter's own weights, so serving copies no weights and
+    gathers only the rows of groups that are not consecutive. The adapters may
+    differ in bottleneck_dim, act and scale; each must be in h's dtype (the op
+    checks). In training, an adapter no row picked gets no gradient (None), so
+    an optimizer step leaves it alone. Under torch.compile the grouping (a host
+    decision) is replaced by every adapter over every row, selected per row:
+    n_adapters times the adapter work, one graph.
+    """
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.d = d
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+        self.row_ids: AdapterIds = None  # set by set_adapter_ids / adapter_ids
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Adapter names in index order (the indices ids refer to)."""
+        return list(self.adapters.keys())
+
+    def add_adapter(self, name: str, reduction: int = 16, bottleneck_dim: Optional[int] = None,
+                    act: str = "relu", scale: float = 1.0, device=None, dtype=None) -> int:
+        """Adds a fresh adapter ``name`` (the identity until trained; device and
+        dtype those of the first adapter unless given); returns its index."""
+        self._check_new_name(name)
+        if len(self.adapters):
+            first = next(iter(self.adapters.values())).down.weight
+            device, dtype = device or first.device, dtype or first.dtype
+        self.adapters[name] = BottleneckAdapter(self.d, reduction, bottleneck_dim, act, scale,
+                                                device=device, dtype=dtype)
+        return len(self.adapters) - 1
+
+    def delete_adapter(self, name: str) -> None:
+        """Removes ``name``; the adapters after it move down one index."""
+        self._index(name)
+        del self.adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def forward(self, h: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                adapter_ids: AdapterIds = None) -> torch.Tensor:
+        if adapter_ids is None:
+            adapter_ids = self.row_ids
+        base = h if residual is None else residual
+        if adapter_ids is None:  # one adapter (or none) for every row: no grouping
+            if self.active_adapter is None:
+                return base
+            return self.adapters[self.active_adapter](h, residual)
+        squeeze = h.dim() == 1
+        if squeeze:
+            h, base = h.unsqueeze(0), base.unsqueeze(0)
+            residual = None if residual is None else base
+        ids = self.resolve_ids(adapter_ids, h.shape[0], h.device)
+        adapters = list(self.adapters.values())
+        if torch.compiler.is_compiling():
+            torch._assert_async(((ids >= -1) & (ids < len(adapters))).all(),
+                                f"MultiBottleneckAdapter: adapter ids out of range "
+                                f"[-1, {len(adapters)}) (-1: no adapter)")
+            out = base
+            for a, adapter in enumerate(adapters):
+                picked = (ids == a).view(-1, *(1,) * (h.dim() - 1))
+                out = torch.where(picked, adapter(h, residual), out)
+        else:
+            out = self._grouped(h, residual, base, group_rows(ids, len(adapters),
+                                                              "MultiBottleneckAdapter"))
+        return out.squeeze(0) if squeeze else out
+
+    def _grouped(self, h, residual, base, groups):
+        adapters = list(self.adapters.values())
+        if len(groups) == 1:  # every row picked one adapter (or none)
+            a = groups[0][0]
+            return base if a < 0 else adapters[a](h, residual)
+        out = base.new_empty(base.shape)
+        for a, rows in groups:
+            piece = _take(base, rows) if a < 0 else adapters[a](
+                _take(h, rows), None if residual is None else _take(residual, rows))
+            if isinstance(rows, slice):
+                out[rows] = piece
+            else:
+                out.index_copy_(0, rows, piece)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"d={self.d}, adapters={self.adapter_names}, active={self.active_adapter!r}"
+
+
+class AdaptedModule(nn.Module):
+    """``base_layer`` with an adapter (one, or many picked per row) after it
+    (``adapter(base(x))``) or beside it (``parallel``: ``adapter(x, residual=base(x))``)."""
+
+    def __init__(self, base_layer: nn.Module,
+                 adapter: Union[BottleneckAdapter, MultiBottleneckAdapter], parallel: bool = False):
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
@@ -98,16 +205,20 @@ class AdaptedModule(nn.Module):
 
 @dataclass
 class InsertedAdapter:
-    """One adapter put in place: ``getattr(parent, name)`` is ``wrapper``."""
+    """One adapter put in place: ``getattr(parent, name)`` is ``wrapper``; a named
+    adapter (``adapter_name``) is one of the wrapper's MultiBottleneckAdapter."""
     layer: int      # index among the model's decoder layers
     site: str       # "attention" (after o_proj) or "ffn" (after / beside the mlp)
     parent: nn.Module
     name: str
     wrapper: AdaptedModule
+    adapter_name: Optional[str] = None
 
     @property
     def adapter(self) -> BottleneckAdapter:
-        return self.wrapper.adapter
+        if self.adapter_name is None:
+            return self.wrapper.adapter
+        return self.wrapper.adapter.adapters[self.adapter_name]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -125,11 +236,17 @@ def _float_param(layer: nn.Module) -> torch.Tensor:
 
 def add_bottleneck_adapters(model: nn.Module, placement: str = "pfeiffer", reduction: int = 16,
                             bottleneck_dim: Optional[int] = None, act: str = "relu",
-                            scale: float = 1.0,
-                            layers: Optional[Iterable[int]] = None) -> list[InsertedAdapter]:
+                            scale: float = 1.0, layers: Optional[Iterable[int]] = None,
+                            name: Optional[str] = None) -> list[InsertedAdapter]:
     """Inserts fresh adapters (the identity until trained) into the decoder layers
     given by index (default: all) at ``placement`` ("houlsby", "pfeiffer",
-    "parallel"); returns what was inserted, in layer order."""
+    "parallel"); returns what was inserted, in layer order.
+
+    ``name``: the adapters are named and join a MultiBottleneckAdapter at each
+    site (made on first use), beside the adapters other calls put there, each
+    batch row picking its own (set_adapter_ids); the adapters of one site share
+    its placement (serial or parallel). Without a name, one plain adapter per
+    site. Everything is checked before the model is changed."""
     if placement not in PLACEMENTS:
         raise ValueError(f"add_bottleneck_adapters: placement must be one of "
                          f"{', '.join(PLACEMENTS)}, got {placement!r}")
@@ -142,27 +259,59 @@ def add_bottleneck_adapters(model: nn.Module, placement: str = "pfeiffer", reduc
         if not 0 <= i < len(all_layers):
             raise ValueError(f"add_bottleneck_adapters: layer {i} out of range: the model has "
                              f"{len(all_layers)} decoder layers")
-    inserted = []
+    sites = []
     for i in chosen:
         layer = all_layers[i]
+        o_proj = layer.self_attn.o_proj  # wrapped when a named Houlsby adapter is there
+        d = (o_proj.base_layer if isinstance(o_proj, AdaptedModule) else o_proj).out_features
         p = _float_param(layer)
-        d = layer.self_attn.o_proj.out_features
-        sites = [("attention", layer.self_attn, "o_proj", False)] if placement == "houlsby" else []
-        sites.append(("ffn", layer, "mlp", placement == "parallel"))
-        for site, parent, name, parallel in sites:
-            if isinstance(getattr(parent, name), AdaptedModule):
-                raise ValueError(f"add_bottleneck_adapters: layer {i}'s {name} already has an "
-                                 "adapter; remove it first")
-            adapter = BottleneckAdapter(d, reduction, bottleneck_dim, act, scale, device=p.device,
-                                        dtype=p.dtype)
-            wrapper = AdaptedModule(getattr(parent, name), adapter, parallel)
-            setattr(parent, name, wrapper)
-            inserted.append(InsertedAdapter(i, site, parent, name, wrapper))
+        places = [("attention", layer.self_attn, "o_proj", False)] if placement == "houlsby" else []
+        places.append(("ffn", layer, "mlp", placement == "parallel"))
+        for site, parent, attr, parallel in places:
+            _check_site(i, getattr(parent, attr), attr, parallel, name)
+            sites.append((i, site, parent, attr, parallel, p, d))
+    inserted = []
+    for i, site, parent, attr, parallel, p, d in sites:
+        args = (reduction, bottleneck_dim, act, scale)
+        wrapper = getattr(parent, attr)
+        if not isinstance(wrapper, AdaptedModule):
+            adapter = (BottleneckAdapter(d, *args, device=p.device, dtype=p.dtype) if name is None
+                       else MultiBottleneckAdapter(d))
+            wrapper = AdaptedModule(wrapper, adapter, parallel)
+            setattr(parent, attr, wrapper)
+        if name is not None:
+            wrapper.adapter.add_adapter(name, *args, device=p.device, dtype=p.dtype)
+        inserted.append(InsertedAdapter(i, site, parent, attr, wrapper, name))
     return inserted
 
 
+def _check_site(layer: int, current: nn.Module, attr: str, parallel: bool,
+                name: Optional[str]) -> None:
+    """Raises unless an adapter (named: ``name``) can go at this site."""
+    if not isinstance(current, AdaptedModule):
+        if name is not None:
+            check_adapter_name(name)
+        return
+    if name is None or not isinstance(current.adapter, MultiBottleneckAdapter):
+        raise ValueError(f"add_bottleneck_adapters: layer {layer}'s {attr} already has an "
+                         "adapter; remove it first, or give every adapter a name to hold many")
+    if current.parallel != parallel:
+        held = "parallel" if current.parallel else "serial"
+        raise ValueError(f"add_bottleneck_adapters: layer {layer}'s {attr} holds {held} "
+                         f"adapters; the named adapters of one site share its placement")
+    current.adapter._check_new_name(name)
+
+
 def remove_bottleneck_adapters(inserted: Iterable[InsertedAdapter]) -> None:
-    """Puts back the base modules add_bottleneck_adapters wrapped."""
+    """Takes out what add_bottleneck_adapters put in: a named adapter leaves its
+    site's MultiBottleneckAdapter; a site left without adapters gets its base
+    module back."""
     for item in inserted:
+        multi = item.wrapper.adapter
+        if item.adapter_name is not None:
+            if item.adapter_name in multi.adapters:
+                multi.delete_adapter(item.adapter_name)
+            if len(multi.adapters):
+                continue
         if getattr(item.parent, item.name) is item.wrapper:
             setattr(item.parent, item.name, item.wrapper.base_layer)

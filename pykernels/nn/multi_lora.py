@@ -9,34 +9,26 @@ The base is a frozen nn.Linear or NF4Linear. Adapters are peft's: ``lora_A[name]
 zeros, scaling alpha / r (rsLoRA alpha / √r). Every adapter of a layer shares one
 rank and dtype, so they stack into one [n, r, in] / [n, out, r] pair.
 
-Which adapter each row uses, first match wins:
-  1. ``forward(x, adapter_ids=...)``;
-  2. the ids a model wrapper set for all layers at once: ``set_adapter_ids(model, ids)``
-     or ``with adapter_ids(model, ids): model(...)``;
-  3. the single active adapter, ``set_adapter(name)``, for every row;
-  4. none: the base alone.
-ids: an int64 tensor [rows] of adapter indices (the order adapters were added,
-``adapter_names``; -1: base only) or a list of names (None or "__base__": base
-only, as peft's ``adapter_names``). x is [rows, ..., in]; all tokens of a row share
-its adapter.
+Which adapter each row uses: per-row ids, set as for every multi-adapter layer
+(row_ids.py: ``forward(x, adapter_ids=...)``, ``set_adapter_ids(model, ids)``, the
+``adapter_ids(model, ids)`` block, or ``set_adapter(name)`` for every row). x is
+[rows, ..., in]; all tokens of a row share its adapter.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from .. import ops
 from .nf4 import NF4Linear
+from .row_ids import (BASE_ONLY, AdapterIds, RowAdapterLayer, adapter_ids,  # noqa: F401
+                      group_rows, set_adapter_ids)
 
-AdapterIds = Union[torch.Tensor, Sequence[Optional[str]], None]
-BASE_ONLY = "__base__"  # peft's name for "no adapter" in adapter_names
 
-
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(RowAdapterLayer):
     """Many LoRA adapters over one frozen ``base_layer`` (nn.Linear or NF4Linear,
     shared, not copied)."""
 
@@ -111,11 +103,7 @@ class MultiLoRALinear(nn.Module):
         """Adds adapter ``name`` made of existing modules (a LoRALinear's or
         QLoRALinear's lora_A / lora_B, shared, not copied; their weights become
         views of this layer's stacks); returns its index."""
-        if not isinstance(name, str) or not name or name == BASE_ONLY or "." in name:
-            raise ValueError(f"add_adapter: name must be a non-empty str without '.', not "
-                             f"{BASE_ONLY!r}, got {name!r}")
-        if name in self.lora_A:
-            raise ValueError(f"add_adapter: adapter {name!r} exists already")
+        self._check_new_name(name)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"add_adapter({name!r}): dropout must be in [0, 1), got {dropout}")
         r = lora_A.out_features
@@ -149,12 +137,6 @@ class MultiLoRALinear(nn.Module):
         if not len(self.lora_A):
             self.r = None
         self._restack()
-
-    def set_adapter(self, name: Optional[str]) -> None:
-        """One adapter for every row (None: the base alone) when no ids are given."""
-        if name is not None:
-            self._index(name)
-        self.active_adapter = name
 
     def _check_dtypes(self) -> None:
         for n in self.adapter_names:
@@ -191,31 +173,6 @@ class MultiLoRALinear(nn.Module):
             self._restack()
         return self._stacks
 
-    def _index(self, name: str) -> int:
-        try:
-            return self.adapter_names.index(name)
-        except ValueError:
-            raise KeyError(f"MultiLoRALinear: no adapter {name!r}; adapters: "
-                           f"{self.adapter_names}") from None
-
-    def resolve_ids(self, ids: AdapterIds, rows: int,
-                    device: torch.device) -> Optional[torch.Tensor]:
-        """ids as the op takes them (int64 [rows] on ``device``), or None for base only."""
-        if ids is None:
-            if self.active_adapter is None:
-                return None
-            return torch.full((rows,), self._index(self.active_adapter), dtype=torch.int64,
-                              device=device)
-        if isinstance(ids, torch.Tensor):
-            if ids.dtype != torch.int64:
-                raise TypeError(f"MultiLoRALinear: adapter ids must be int64, got {ids.dtype}")
-            return ids.to(device)
-        names = list(ids)
-        if len(names) != rows:
-            raise ValueError(f"MultiLoRALinear: {len(names)} adapter names for {rows} rows of x")
-        index = [-1 if n is None or n == BASE_ONLY else self._index(n) for n in names]
-        return torch.tensor(index, dtype=torch.int64, device=device)
-
     # ---- forward ----
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -248,7 +205,7 @@ class MultiLoRALinear(nn.Module):
                     ids, names)
         # Training: only the adapters some row uses, so the others get no gradient at
         # all (None, as in peft) and an optimizer with weight decay leaves them alone.
-        used = sorted(i for i in set(ids.tolist()) if i >= 0)
+        used = [a for a, _ in group_rows(ids, len(names), "MultiLoRALinear") if a >= 0]
         remap = torch.full((len(names) + 1,), -1, dtype=torch.int64, device=ids.device)
         remap[torch.tensor(used, dtype=torch.int64, device=ids.device)] = torch.arange(
             len(used), device=ids.device)
@@ -333,26 +290,3 @@ class MultiLoRALinear(nn.Module):
                 f"adapters={self.adapter_names}, active={self.active_adapter!r}, "
                 f"merged={self.merged_adapter!r}")
 
-
-def set_adapter_ids(model: nn.Module, ids: AdapterIds) -> None:
-    """Sets the per-row adapter ids of every MultiLoRALinear in ``model`` for the
-    forwards that follow (None clears them). ids: an int64 tensor [rows] or a list
-    of adapter names (None / "__base__": base only), resolved by each layer."""
-    for module in model.modules():
-        if isinstance(module, MultiLoRALinear):
-            module.row_ids = ids
-
-
-@contextlib.contextmanager
-def adapter_ids(model: nn.Module, ids: AdapterIds) -> Iterator[None]:
-    """``with adapter_ids(model, ids): model(x)``: set_adapter_ids for the block,
-    each layer's previous ids restored after."""
-    layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
-    previous = [m.row_ids for m in layers]
-    try:
-        for m in layers:
-            m.row_ids = ids
-        yield
-    finally:
-        for m, p in zip(layers, previous):
-            m.row_ids = p
