@@ -14,8 +14,8 @@ from torch import nn
 from pykernels import (AdapterModel, BottleneckConfig, IA3Config, LoRAConfig, PromptTuningConfig,
                        QLoRAConfig, wrap)
 from pykernels.adapters import read_adapter
-from pykernels.nn import (AdaptedModule, IA3Linear, LoRALinear, MultiLoRALinear, NF4Linear,
-                          prompt_tuning)
+from pykernels.nn import (AdaptedModule, IA3Linear, LoRALinear, MultiBottleneckAdapter,
+                          MultiLoRALinear, NF4Linear, prompt_tuning)
 
 from test_wrap import (count, edit_json, logits, smollm2,  # noqa: F401 (smollm2: a fixture)
                        tiny_llama, tokens)
@@ -353,6 +353,35 @@ def test_mixed_batch_equals_each_row_alone(kind):
     wrapped.set_adapter("a")  # ends the mixed mode
     assert count(wrapped, MultiLoRALinear) == 0
     torch.testing.assert_close(logits(wrapped, ids), alone["a"], rtol=0, atol=0)
+
+
+def test_mixed_batch_of_bottleneck_and_hybrid_adapters():
+    """Bottleneck sites mix into a MultiBottleneckAdapter (over the adapters' own
+    weights), LoRA inside a wrapped mlp into a MultiLoRALinear, in one batch."""
+    ids = tokens(shape=(4, 7))
+    adapters = {"a": [LoRAConfig(r=4, target_modules=["down_proj"]), BottleneckConfig()],
+                "b": BottleneckConfig(bottleneck_dim=4, act="gelu"),
+                "c": BottleneckConfig(placement="houlsby", layers=[0])}
+    wrapped = wrap(tiny_llama(), adapters["a"], adapter_name="a")
+    for name in ("b", "c"):
+        wrapped.add_adapter(name, adapters[name])
+    alone = {}
+    for name in adapters:
+        perturb(wrapped.adapter_tensors(name), ord(name))
+        wrapped.set_adapter(name)
+        alone[name] = logits(wrapped, ids)
+    wrapped.set_adapter(None)
+    alone[None] = logits(wrapped, ids)
+    rows = ["c", None, "a", "b"]
+    with wrapped.adapter_ids(rows):
+        assert count(wrapped, MultiBottleneckAdapter) == 3 and count(wrapped, MultiLoRALinear) == 2
+        mixed = logits(wrapped, ids)
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], alone[name][i], rtol=1e-5, atol=1e-5)
+    assert count(wrapped, AdaptedModule) == 0 and count(wrapped, MultiLoRALinear) == 0
+    wrapped.add_adapter("p", BottleneckConfig(placement="parallel"))
+    with pytest.raises(ValueError, match="serial and parallel adapters at one site"):
+        wrapped.set_adapter_ids(["b", "p"])
 
 
 def test_mixed_batch_bad_input():

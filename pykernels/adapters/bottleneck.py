@@ -19,7 +19,7 @@ from typing import ClassVar, Optional
 from torch import nn
 
 from ..nn import add_bottleneck_adapters
-from ..nn.bottleneck import PLACEMENTS
+from ..nn.bottleneck import PLACEMENTS, AdaptedModule, MultiBottleneckAdapter
 from ..ops.bottleneck import ACTIVATIONS
 from .registry import AdapterConfig, AdapterMethod, Replacement, register_method
 
@@ -75,6 +75,21 @@ class BottleneckMethod(AdapterMethod):
             path = f"{parent}.{item.name}" if parent else item.name
             replacements.append(Replacement(path, item.wrapper.base_layer, item.wrapper))
         return replacements
+
+    def mix(self, original: nn.Module, layers: dict[str, nn.Module]) -> AdaptedModule:
+        # The adapters' own BottleneckAdapters in one MultiBottleneckAdapter at the site.
+        parallel = {layer.parallel for layer in layers.values()}
+        if len(parallel) > 1:
+            raise ValueError(f"set_adapter_ids: adapters {sorted(layers)} put serial and "
+                             "parallel adapters at one site; they cannot share a batch")
+        multi = MultiBottleneckAdapter(next(iter(layers.values())).adapter.d)
+        for name, layer in layers.items():
+            multi.attach_adapter(name, layer.adapter)
+        return AdaptedModule(original, multi, parallel.pop()).train(layer.training)
+
+    def route(self, layer: AdaptedModule, names: list) -> None:
+        held = set(layer.adapter.adapter_names)
+        layer.adapter.row_ids = [name if name in held else None for name in names]
 
 
 register_method(BottleneckMethod())

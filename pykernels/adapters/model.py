@@ -156,7 +156,8 @@ class AdapterModel(nn.Module):
 
         The layers the named adapters placed at one path are mixed into one layer
         (LoRA / QLoRA: a MultiLoRALinear over the adapters' own weights, so
-        training in a mixed batch trains them); at a path an adapter does not
+        training in a mixed batch trains them; bottleneck adapters: a
+        MultiBottleneckAdapter over their own adapters); at a path an adapter does not
         adapt, its rows run the base layer. Adapters mixed at one path must share
         the base layer, rank and dtype. add_adapter / set_adapter /
         delete_adapter end the mixed mode first."""
@@ -179,10 +180,13 @@ class AdapterModel(nn.Module):
                                          f"({method.name}) and {sorted(layers)} ({method_.name}) "
                                          "adapt different base layers; they cannot share a batch")
                     layers[name] = rep.adapted
-        mixed = [Replacement(path, original, method.mix(original, layers))
-                 for path, (method, original, layers) in groups.items()]
-        for (method, _, _), rep in zip(groups.values(), mixed):
-            method.route(rep.adapted, names)
+        # Blocks (bottleneck sites) after the layers inside them, as when attaching.
+        order = sorted(groups, key=lambda path: groups[path][0].wraps_blocks)
+        mixed = []
+        for path in order:
+            method, original, layers = groups[path]
+            mixed.append(Replacement(path, original, method.mix(original, layers)))
+            method.route(mixed[-1].adapted, names)
         self._detach(self.active_adapter)
         for rep in mixed:
             self.base_model.set_submodule(rep.path, rep.adapted)

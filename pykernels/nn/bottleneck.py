@@ -125,12 +125,19 @@ class MultiBottleneckAdapter(RowAdapterLayer):
                     act: str = "relu", scale: float = 1.0, device=None, dtype=None) -> int:
         """Adds a fresh adapter ``name`` (the identity until trained; device and
         dtype those of the first adapter unless given); returns its index."""
-        self._check_new_name(name)
         if len(self.adapters):
             first = next(iter(self.adapters.values())).down.weight
             device, dtype = device or first.device, dtype or first.dtype
-        self.adapters[name] = BottleneckAdapter(self.d, reduction, bottleneck_dim, act, scale,
-                                                device=device, dtype=dtype)
+        return self.attach_adapter(name, BottleneckAdapter(self.d, reduction, bottleneck_dim, act,
+                                                           scale, device=device, dtype=dtype))
+
+    def attach_adapter(self, name: str, adapter: BottleneckAdapter) -> int:
+        """Adds an existing adapter (shared, not copied) as ``name``; returns its index."""
+        self._check_new_name(name)
+        if adapter.d != self.d:
+            raise ValueError(f"add_adapter({name!r}): the adapter's d is {adapter.d}, the "
+                             f"layer's {self.d}")
+        self.adapters[name] = adapter
         return len(self.adapters) - 1
 
     def delete_adapter(self, name: str) -> None:
