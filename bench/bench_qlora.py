@@ -88,6 +88,12 @@ def _peft_over_bnb(linear: nn.Linear, ours: QLoRALinear, dtype: torch.dtype, tra
                                compress_statistics=True, blocksize=BLOCKSIZE)
     base.weight = weight if weight.bnb_quantized else weight._quantize("cpu")
     base.bias = nn.Parameter(linear.bias.data.to(dtype).clone(), requires_grad=False)
+    return peft_around(base, ours, dtype, train)
+
+
+def peft_around(base: nn.Module, ours: QLoRALinear, dtype: torch.dtype, train: bool):
+    """peft LoRA around a bitsandbytes NF4 layer ``base`` (its codes checked against
+    ``ours``'), holding ``ours``' A and B in ``dtype``; bench_qlora_cuda builds on this."""
     _check(torch.equal(base.weight.data.reshape(-1), ours.base_layer.packed),
            "pykernels and bitsandbytes NF4 codes")
     config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0)

@@ -3,8 +3,9 @@
 # builds the extension for the chip, runs every CUDA test, times NF4 dequantize
 # against the device's copy bandwidth and bitsandbytes, and times the LoRA
 # training step (vs peft and the base layer), the NF4 linear layer (vs the
-# copy bandwidth, a dense layer and bitsandbytes) and multi-LoRA serving (16
-# adapters vs one vs peft's adapter_names). It runs in the repo root and
+# copy bandwidth, a dense layer and bitsandbytes), the QLoRA training step (vs
+# dense LoRA and peft over bitsandbytes) and multi-LoRA serving (16 adapters vs
+# one vs peft's adapter_names). It runs in the repo root and
 # writes under $OUT (default results/gpu); expect ~5 minutes. Each step has its
 # own time limit, cut to what is left of 8 minutes from the start.
 #
@@ -18,7 +19,8 @@
 #
 # $OUT: summary.txt (one line per step), env.txt (GPU, versions, kernel resource
 # usage), build.log, run.log (pytest and benchmark output), junit-cuda.xml,
-# bench_*.log, nf4_cuda, lora_cuda, multi_lora_cuda, bottleneck_cuda and ia3_cuda .json / .csv.
+# bench_*.log, nf4_cuda, lora_cuda, qlora_cuda, multi_lora_cuda, bottleneck_cuda and ia3_cuda
+# .json / .csv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu}
@@ -83,8 +85,8 @@ timeout "$(limit 240)" $PY -m pytest -m cuda tests -q -rs -p no:cacheprovider \
 rc=$?
 summary "tests: rc=$rc in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/run.log")"
 
-# ---- benchmarks: NF4 dequantize bandwidth; the LoRA step and NF4 linear; the adapters ----
-for bench in nf4_cuda lora_cuda multi_lora_cuda bottleneck_cuda ia3_cuda; do
+# ---- benchmarks: NF4 dequantize bandwidth; the LoRA step and NF4 linear; QLoRA; the adapters ----
+for bench in nf4_cuda lora_cuda qlora_cuda multi_lora_cuda bottleneck_cuda ia3_cuda; do
   start=$(date +%s)
   timeout "$(limit 120)" $PY bench/bench_$bench.py --out "$OUT" > "$OUT/bench_$bench.log" 2>&1
   rc=$?

@@ -125,7 +125,7 @@ def _nf4_grads(base, x, l, dtype, fn):
     l = l.detach().requires_grad_(True)
     out = fn(x, l)
     torch.manual_seed(2)
-    g = torch.randn(out.shape).to(out.dtype)
+    g = torch.randn(out.shape).to(out.device, out.dtype)
     (out.float() * g.float()).sum().backward()
     return out, x.grad, l.grad
 

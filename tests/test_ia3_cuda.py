@@ -11,6 +11,7 @@ from pykernels import ops, reference
 from pykernels.nn import IA3Linear, NF4Linear, PromptEmbedding
 
 from helpers import assert_rule
+from test_ia3 import _nf4_case, _nf4_grads
 
 pytestmark = pytest.mark.cuda  # conftest.py skips these without a CUDA device
 
@@ -56,6 +57,40 @@ def test_layer_matches_cpu(kind, feedforward):
     y_cuda.square().sum().backward()
     torch.testing.assert_close(y_cuda.cpu(), y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.ia3_l.grad.cpu(), grad_l, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_linear_folds_l_into_the_cpu_tile(dtype, double_quant):
+    """x = I (70 tokens: the tiled path on both devices) makes y the decoded tile
+    of W·diag(l), transposed: the CUDA decoder's bits equal the CPU's."""
+    base, _, l = _nf4_case(dtype, 1, double_quant)
+    eye = torch.eye(70).to(dtype)
+    args = lambda dev: (base.packed.to(dev), base.absmax.to(dev), 48, l.to(dev), 64, None,
+                        *(None if t is None else t.to(dev)
+                          for t in (base.absmax_scale, base.absmax_code, base.absmax_offset)))
+    y = ops.ia3_nf4_linear(eye.cuda(), *args("cuda"))
+    assert torch.equal(y.cpu(), ops.ia3_nf4_linear(eye, *args("cpu")))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [3, 40])  # the fused few-token path and the tiled path
+def test_nf4_linear_matches_reference(dtype, tokens):
+    base, x, l = _nf4_case(dtype, tokens, True)
+    bias = base.bias.detach().to(dtype)
+    w = base.dequantize(torch.float32)
+    b = base.cuda()
+    got = _nf4_grads(base, x.cuda(), l.cuda(), dtype, lambda x, l: ops.ia3_nf4_linear(
+        x, b.packed, b.absmax, 48, l, 64, bias.cuda(), b.absmax_scale, b.absmax_code,
+        b.absmax_offset))
+    lowp = _nf4_grads(base, x, l, dtype, lambda x, l: reference.ia3_linear(
+        x, w.to(dtype), bias, l, True).to(dtype) if dtype == torch.float32 else
+        nn.functional.linear((x * l).to(dtype), w.to(dtype), bias))
+    truth = _nf4_grads(base, x.double(), l.double(), torch.float64, lambda x, l:
+                       reference.ia3_linear(x, w.double(), bias.double(), l, True).double())
+    for name, u, c, t in zip(("out", "grad_x", "grad_l"), got, lowp, truth):
+        assert u.is_cuda and u.dtype == c.dtype and u.shape == c.shape, name
+        assert_rule(u.cpu(), c, t, f"{name} {dtype} T={tokens}")
 
 
 def test_opcheck_and_compile():

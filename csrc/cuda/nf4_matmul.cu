@@ -5,6 +5,7 @@
 //   matvec           y[t, j]  = sum_i x[t, i] W[j, i] (+ bias[j])   few tokens
 //   matvec_t         dx[t, i] = sum_j dy[t, j] W[j, i]              few tokens
 //   dequantize_tile  W[r0:r1, c0:c1] decoded, for the GEMM of many tokens
+//                    (times diag(scale[c0:c1]) for IA³'s input scaling)
 //
 // absmax(b) is absmax[b], or blockwise8_decode(code, absmax_q[b],
 // absmax_scale[b / 256], offset) when double-quantized, decoded where it is
@@ -84,6 +85,14 @@ __device__ __forceinline__ uint4 codes32(const uint8_t* packed, int64_t g) {
 }
 __device__ __forceinline__ uint32_t codes4(const uint8_t* packed, int64_t g) {
   return *reinterpret_cast<const uint16_t*>(packed + g / 2);
+}
+
+// v rounded to D and back: the value a buffer of D holds.
+template <DType D>
+__device__ __forceinline__ float round_to(float v) {
+  Elem<D> stored;
+  store_from_float<D>(&stored, 0, v);
+  return load_as_float<D>(&stored, 0);
 }
 
 // Element e of a 32-bit word of packed codes (byte e / 2, the even element high).
@@ -228,7 +237,8 @@ nf4_matvec_t_kernel(NF4Matrix w, const Elem<D>* __restrict__ dy, int64_t tokens,
 template <DType D>
 __global__ void __launch_bounds__(kThreads)
 nf4_dequantize_tile_kernel(NF4Matrix w, int64_t row_begin, int64_t rows, int64_t col_begin,
-                           int64_t width, bool vectorized, Elem<D>* __restrict__ out) {
+                           int64_t width, const float* __restrict__ col_scale, bool vectorized,
+                           Elem<D>* __restrict__ out) {
   __shared__ float table[16];
   __shared__ float code8[256];
   const BlockAbsmax block_absmax = load_tables(w, table, code8);
@@ -250,6 +260,11 @@ nf4_dequantize_tile_kernel(NF4Matrix w, int64_t row_begin, int64_t rows, int64_t
         v[e] = c + e < width ? nf4_decode(table, nf4_unpack(w.packed, g + e),
                                           block_absmax.of_element(g + e))
                              : 0.0f;
+    }
+    if (col_scale != nullptr) {  // ia3_scale's bits on the decoded tile: round, scale, round
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e)
+        if (c + e < width) v[e] = mul_rn(round_to<D>(v[e]), col_scale[col_begin + c + e]);
     }
     store_chunk<D>(out + r * width, c, width, vectorized, v);
   }
@@ -321,8 +336,8 @@ cudaError_t nf4_matvec_t(DType dtype, const NF4Matrix& w, const void* dy, int64_
 }
 
 cudaError_t nf4_dequantize_tile(DType dtype, const NF4Matrix& w, int64_t row_begin,
-                                int64_t row_end, int64_t col_begin, int64_t col_end, void* out,
-                                cudaStream_t stream) {
+                                int64_t row_end, int64_t col_begin, int64_t col_end,
+                                const float* col_scale, void* out, cudaStream_t stream) {
   if (!valid(w) || row_begin < 0 || row_begin > row_end || row_end > w.rows || col_begin < 0 ||
       col_begin > col_end || col_end > w.cols)
     return cudaErrorInvalidValue;
@@ -335,8 +350,8 @@ cudaError_t nf4_dequantize_tile(DType dtype, const NF4Matrix& w, int64_t row_beg
   return dispatch_dtype(dtype, [&](auto dt) {
     constexpr DType D = decltype(dt)::value;
     nf4_dequantize_tile_kernel<D><<<ctas_for(rows * ceil_div(width, kChunk), kThreads), kThreads,
-                                    0, stream>>>(w, row_begin, rows, col_begin, width, vectorized,
-                                                 static_cast<Elem<D>*>(out));
+                                    0, stream>>>(w, row_begin, rows, col_begin, width, col_scale,
+                                                 vectorized, static_cast<Elem<D>*>(out));
     return cudaGetLastError();
   });
 }

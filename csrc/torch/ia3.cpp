@@ -4,8 +4,10 @@
 //                       epilogue on y = x·Wᵀ (bias and scale in one pass over y),
 //                       or input scaling of x before a dense matmul
 //   ia3_scale_backward  grad_input = grad ⊙ l and grad_l = Σ_rows grad ⊙ (v + bias), one pass
-//   ia3_nf4_linear      (x ⊙ l)·Wᵀ + bias with W stored as NF4 (CPU): l is folded into
-//                       each decoded tile of W (W·diag(l)), so x is never scaled in memory
+//   ia3_nf4_linear      (x ⊙ l)·Wᵀ + bias with W stored as NF4 (nf4_linear.h, any device):
+//                       on the tiled path l is folded into each decoded tile of W
+//                       (W·diag(l)), so x is never scaled in memory; the fused path
+//                       scales the few rows of x
 // l is any float dtype, used in fp32; grad_l comes back in l's dtype. float64
 // runs plain ATen math (the gradcheck path).
 #include <ATen/Parallel.h>
@@ -140,9 +142,7 @@ std::tuple<std::optional<at::Tensor>, at::Tensor> ia3_scale_backward(
   return {grad_input, dl.to(l.scalar_type())};
 }
 
-namespace {
-
-at::Tensor ia3_nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed,
+at::Tensor ia3_nf4_linear(const at::Tensor& x, const at::Tensor& packed,
                               const at::Tensor& absmax, int64_t blocksize, int64_t out_features,
                               const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& absmax_scale,
@@ -158,12 +158,10 @@ at::Tensor ia3_nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed,
   return nf4_linear_forward(op, x, w, bias, fp32(l));
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
   m.impl("ia3_scale", &ia3_scale);
   m.impl("ia3_scale_backward", &ia3_scale_backward);
-  m.impl("ia3_nf4_linear", &ia3_nf4_linear_cpu);
+  m.impl("ia3_nf4_linear", &ia3_nf4_linear);
 }
 
 }  // namespace pykernels::binding::ia3

@@ -1,6 +1,7 @@
 // The IA³ ops on CUDA: ia3.cpp's ops with this file's kernel table
-// (pykernels/cuda.h, launched on the current stream of the tensors' device).
-// ia3_nf4_linear has no CUDA kernel: pykernels/ops/ia3.py scales x and calls nf4_linear.
+// (pykernels/cuda.h, launched on the current stream of the tensors' device);
+// ia3_nf4_linear runs the NF4 linear layer's CUDA kernels (nf4_linear.h), l
+// folded into the decoded tiles of W as on the CPU.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -51,6 +52,7 @@ const Kernels kCudaKernels{cuda_scale, cuda_scale_backward};
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
   m.impl("ia3_scale", &ia3_scale);
   m.impl("ia3_scale_backward", &ia3_scale_backward);
+  m.impl("ia3_nf4_linear", &ia3_nf4_linear);
 }
 
 }  // namespace pykernels::binding::ia3

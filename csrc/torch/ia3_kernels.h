@@ -25,6 +25,12 @@ at::Tensor ia3_scale(const at::Tensor& v, const std::optional<at::Tensor>& bias,
 std::tuple<std::optional<at::Tensor>, at::Tensor> ia3_scale_backward(
     const at::Tensor& grad, const at::Tensor& v, const std::optional<at::Tensor>& bias,
     const at::Tensor& l, bool need_grad_input);
+at::Tensor ia3_nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          int64_t blocksize, int64_t out_features,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& absmax_scale,
+                          const std::optional<at::Tensor>& absmax_code,
+                          const std::optional<at::Tensor>& absmax_offset, const at::Tensor& l);
 
 #ifdef PYKERNELS_WITH_CUDA
 extern const Kernels kCudaKernels;  // ia3_cuda.cpp

@@ -155,6 +155,27 @@ Dropout check_adapter(const char* op, const at::Tensor& x, const at::Tensor& lor
   return make_dropout(dropout_p, uint64_t(*seed.const_data_ptr<int64_t>()));
 }
 
+void check_backward_inputs(const char* op, const at::Tensor& x, const at::Tensor& grad_out,
+                           const std::optional<at::Tensor>& grad_xa, const at::Tensor& xa,
+                           int64_t out, int64_t rank) {
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(with_last_dim(x, out)), op,
+                    ": grad_out must have the output's shape ", at::IntArrayRef(with_last_dim(x, out)),
+                    ", got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(xa.sizes() == at::IntArrayRef(with_last_dim(x, rank)), op,
+                    ": xa must have shape ", at::IntArrayRef(with_last_dim(x, rank)), ", got ",
+                    xa.sizes());
+  check_same_dtype(op, x, "x", grad_out, "grad_out");
+  check_same_dtype(op, x, "x", xa, "xa");
+  check_same_device(op, x, "x", grad_out, "grad_out");
+  check_same_device(op, x, "x", xa, "xa");
+  if (grad_xa.has_value()) {
+    TORCH_CHECK_VALUE(grad_xa->sizes() == xa.sizes(), op, ": grad_xa must have xa's shape ",
+                      xa.sizes(), ", got ", grad_xa->sizes());
+    check_same_dtype(op, x, "x", *grad_xa, "grad_xa");
+    check_same_device(op, x, "x", *grad_xa, "grad_xa");
+  }
+}
+
 at::Tensor dropout_multiplier(const Dropout& d, int64_t rows, int64_t cols,
                               const at::TensorOptions& options) {
   at::Tensor keep = at::empty({rows, cols}, at::TensorOptions().dtype(at::kByte));
@@ -300,22 +321,7 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> lora_linear_backwa
   const int64_t out = check_base(op, x, weight, std::nullopt);
   const Dropout d = check_adapter(op, x, lora_A, lora_B, out, dropout_p, seed);
   const int64_t rank = lora_A.size(0);
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(with_last_dim(x, out)), op,
-                    ": grad_out must have the output's shape ", at::IntArrayRef(with_last_dim(x, out)),
-                    ", got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(xa.sizes() == at::IntArrayRef(with_last_dim(x, rank)), op,
-                    ": xa must have shape ", at::IntArrayRef(with_last_dim(x, rank)), ", got ",
-                    xa.sizes());
-  check_same_dtype(op, x, "x", grad_out, "grad_out");
-  check_same_dtype(op, x, "x", xa, "xa");
-  check_same_device(op, x, "x", grad_out, "grad_out");
-  check_same_device(op, x, "x", xa, "xa");
-  if (grad_xa.has_value()) {
-    TORCH_CHECK_VALUE(grad_xa->sizes() == xa.sizes(), op, ": grad_xa must have xa's shape ",
-                      xa.sizes(), ", got ", grad_xa->sizes());
-    check_same_dtype(op, x, "x", *grad_xa, "grad_xa");
-    check_same_device(op, x, "x", *grad_xa, "grad_xa");
-  }
+  check_backward_inputs(op, x, grad_out, grad_xa, xa, out, rank);
   const at::Tensor x2d = x.reshape({-1, x.size(-1)});
   const at::Tensor dy2d = grad_out.reshape({-1, out});
   AdapterGrads g = adapter_backward(dy2d, grad_xa.value_or(at::Tensor()), x2d,

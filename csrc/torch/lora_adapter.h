@@ -54,6 +54,12 @@ Dropout check_adapter(const char* op, const at::Tensor& x, const at::Tensor& lor
                       const at::Tensor& lora_B, int64_t out_features, double dropout_p,
                       const at::Tensor& seed);
 
+// Checks a backward's incoming gradients and saved xa against x [..., in]:
+// grad_out [..., out], xa and grad_xa (when given) [..., rank], x's dtype and device.
+void check_backward_inputs(const char* op, const at::Tensor& x, const at::Tensor& grad_out,
+                           const std::optional<at::Tensor>& grad_xa, const at::Tensor& xa,
+                           int64_t out, int64_t rank);
+
 // xa = drop(x2d) A^T, in x's dtype.
 at::Tensor adapter_down(const at::Tensor& x2d, const at::Tensor& lora_A, const Dropout& d);
 

@@ -1,17 +1,19 @@
-// CPU implementation of the NF4 linear ops: checks, the fused few-token path and
-// the tiled many-token path (design: nf4_linear.h).
+// The NF4 linear ops for every device (design: nf4_linear.h): the state's
+// checks, the choice of path and IA³'s input scale, written once; and the
+// CPU's kernel table.
 #include "nf4_linear.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "checks.h"
+#include "ia3_kernels.h"
+#include "nf4_tiled.h"
 #include "pykernels/blockwise8.h"
+#include "pykernels/cpu.h"
 #include "simd_choice.h"
 
 namespace pykernels::binding {
@@ -46,23 +48,21 @@ int64_t fused_max_tokens(DType dtype, bool backward) {
 // each tile's parallel regions wait for a scheduler tick (2^18: 1.5 s, 2^22: 61 ms).
 constexpr int64_t kTileBytes = int64_t(8) << 20;
 
-int64_t element_size(DType dtype) { return dtype == DType::F32 ? 4 : 2; }
-
-void check_features(const char* op, const char* arg, const at::Tensor& t, int64_t features,
-                    const char* name) {
-  TORCH_CHECK_VALUE(t.dim() >= 1 && t.size(-1) == features, op, ": ", arg, " must have ", name,
-                    " = ", features, " elements in its last dimension, got shape ", t.sizes());
+cpu::NF4Matrix cpu_matrix(const NF4View& w) {
+  // The offset lives in host memory here: reading it waits for nothing.
+  return nf4_matrix<cpu::NF4Matrix>(
+      w, w.double_quant() ? *w.absmax_offset.const_data_ptr<float>() : 0.0f);
 }
 
-// W[rows, col_begin:col_end] decoded into the start of tile, threads over rows;
-// with in_scale (fp32 [cols], IA³'s l) each decoded row is scaled by
-// in_scale[col_begin:col_end] while it is still in cache: the tile of W·diag(l).
-void decode_tile(cpu::SimdPath path, DType dtype, const cpu::NF4Matrix& m, int64_t row_begin,
-                 int64_t row_end, int64_t col_begin, int64_t col_end, at::Tensor& tile,
-                 const float* in_scale = nullptr) {
+// Threads over rows; each decoded row is scaled by in_scale[col_begin:col_end]
+// while it is still in cache.
+void cpu_decode_tile(DType dtype, const NF4View& w, int64_t row_begin, int64_t row_end,
+                     int64_t col_begin, int64_t col_end, const float* in_scale, at::Tensor& tile) {
+  const cpu::NF4Matrix m = cpu_matrix(w);
+  const cpu::SimdPath path = active_cpu_path();
   const int64_t width = col_end - col_begin;
   char* base = static_cast<char*>(tile.mutable_data_ptr());
-  const int64_t row_bytes = width * element_size(dtype);
+  const int64_t row_bytes = width * static_cast<int64_t>(tile.element_size());
   at::parallel_for(row_begin, row_end, std::max<int64_t>(1, 65536 / std::max<int64_t>(width, 1)),
                    [&](int64_t begin, int64_t end) {
                      char* rows = base + (begin - row_begin) * row_bytes;
@@ -73,8 +73,10 @@ void decode_tile(cpu::SimdPath path, DType dtype, const cpu::NF4Matrix& m, int64
                    });
 }
 
-void forward_fused(DType dtype, const cpu::NF4Matrix& m, const at::Tensor& x2,
-                   const at::Tensor& bias, at::Tensor& y) {
+// Rows split across threads.
+void cpu_matvec(DType dtype, const NF4View& w, const at::Tensor& x2, const at::Tensor& bias,
+                at::Tensor& y) {
+  const cpu::NF4Matrix m = cpu_matrix(w);
   const int64_t tokens = x2.size(0);
   at::Tensor x_packed =
       at::empty({cpu::nf4_matvec_x_size(tokens, m.cols)}, x2.options().dtype(at::kFloat));
@@ -89,24 +91,9 @@ void forward_fused(DType dtype, const cpu::NF4Matrix& m, const at::Tensor& x2,
                    });
 }
 
-void forward_tiled(DType dtype, const cpu::NF4Matrix& m, const at::Tensor& x2,
-                   const at::Tensor& bias, const float* in_scale, at::Tensor& y) {
-  const cpu::SimdPath path = active_cpu_path();
-  const int64_t tile_elements = kTileBytes / element_size(dtype);
-  const int64_t tile_rows =
-      std::clamp<int64_t>(tile_elements / std::max<int64_t>(m.cols, 1), 1, m.rows);
-  at::Tensor tile = at::empty({tile_rows, m.cols}, x2.options());
-  for (int64_t r0 = 0; r0 < m.rows; r0 += tile_rows) {
-    const int64_t rows = std::min(tile_rows, m.rows - r0);
-    decode_tile(path, dtype, m, r0, r0 + rows, 0, m.cols, tile, in_scale);
-    const at::Tensor w_t = tile.narrow(0, 0, rows).t();
-    at::Tensor y_rows = y.narrow(1, r0, rows);
-    if (bias.defined()) at::addmm_out(y_rows, bias.narrow(0, r0, rows), x2, w_t);
-    else at::mm_out(y_rows, x2, w_t);
-  }
-}
-
-void backward_fused(DType dtype, const cpu::NF4Matrix& m, const at::Tensor& dy2, at::Tensor& dx) {
+// Columns split across threads, 32 at a time.
+void cpu_matvec_t(DType dtype, const NF4View& w, const at::Tensor& dy2, at::Tensor& dx) {
+  const cpu::NF4Matrix m = cpu_matrix(w);
   const int64_t tokens = dy2.size(0);
   const at::Tensor dy_t = dy2.to(at::kFloat).t().contiguous();
   const cpu::SimdPath path = active_cpu_path();
@@ -116,38 +103,24 @@ void backward_fused(DType dtype, const cpu::NF4Matrix& m, const at::Tensor& dy2,
   });
 }
 
-void backward_tiled(DType dtype, const cpu::NF4Matrix& m, const at::Tensor& dy2, at::Tensor& dx) {
-  const cpu::SimdPath path = active_cpu_path();
-  const int64_t tile_elements = kTileBytes / element_size(dtype);
-  const int64_t tile_cols = std::min(
-      m.cols, std::max<int64_t>(64, tile_elements / std::max<int64_t>(m.rows, 1) / 64 * 64));
-  at::Tensor tile = at::empty({m.rows * tile_cols}, dy2.options());
-  for (int64_t c0 = 0; c0 < m.cols; c0 += tile_cols) {
-    const int64_t cols = std::min(tile_cols, m.cols - c0);
-    decode_tile(path, dtype, m, 0, m.rows, c0, c0 + cols, tile);
-    at::Tensor dx_cols = dx.narrow(1, c0, cols);
-    at::mm_out(dx_cols, dy2, tile.narrow(0, 0, m.rows * cols).view({m.rows, cols}));
-  }
+constexpr NF4Kernels kCpuNF4Kernels{fused_max_tokens, kTileBytes, cpu_matvec, cpu_matvec_t,
+                                    cpu_decode_tile};
+
+const NF4Kernels& kernels_for(const char* op, const at::Tensor& t) {
+#ifdef PYKERNELS_WITH_CUDA
+  if (t.is_cuda()) return kCudaNF4Kernels;
+#endif
+  TORCH_CHECK_VALUE(t.is_cpu(), op, ": tensors on ", t.device(), " are not supported");
+  return kCpuNF4Kernels;
+}
+
+void check_features(const char* op, const char* arg, const at::Tensor& t, int64_t features,
+                    const char* name) {
+  TORCH_CHECK_VALUE(t.dim() >= 1 && t.size(-1) == features, op, ": ", arg, " must have ", name,
+                    " = ", features, " elements in its last dimension, got shape ", t.sizes());
 }
 
 }  // namespace
-
-cpu::NF4Matrix NF4View::matrix() const {
-  cpu::NF4Matrix m;
-  m.packed = packed.const_data_ptr<uint8_t>();
-  if (double_quant()) {
-    m.absmax_q = absmax.const_data_ptr<uint8_t>();
-    m.absmax_scale = absmax_scale.const_data_ptr<float>();
-    m.absmax_code = absmax_code.const_data_ptr<float>();
-    m.absmax_offset = absmax_offset;
-  } else {
-    m.absmax = absmax.const_data_ptr<float>();
-  }
-  m.rows = out_features;
-  m.cols = in_features;
-  m.blocksize = blocksize;
-  return m;
-}
 
 NF4View nf4_view(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
                  int64_t blocksize, int64_t out_features, int64_t in_features,
@@ -198,7 +171,9 @@ NF4View nf4_view(const char* op, const at::Tensor& packed, const at::Tensor& abs
   check_same_device(op, packed, "packed", *absmax_code, "absmax_code");
   v.absmax_scale = absmax_scale->contiguous();
   v.absmax_code = absmax_code->contiguous();
-  v.absmax_offset = absmax_offset->item<float>();
+  // Any device, as NF4Tensor.absmax_offset may be: one float copied over
+  // when it is not on packed's (torch.tensor(...) of a bnb state is on the CPU).
+  v.absmax_offset = absmax_offset->to(packed.device());
   return v;
 }
 
@@ -212,24 +187,20 @@ at::Tensor nf4_linear_forward(const char* op, const at::Tensor& x, const NF4View
     check_bias(op, x, *bias, w.out_features);
     b = bias->contiguous();
   }
+  const NF4Kernels& k = kernels_for(op, x);
   const int64_t tokens = leading_rows(x);
   at::Tensor x2 = x.reshape({tokens, w.in_features}).contiguous();
   at::Tensor y = at::empty({tokens, w.out_features}, x.options());
-  if (tokens > 0 && w.out_features > 0) {
-    const cpu::NF4Matrix m = w.matrix();
+  if (tokens == 0 || w.out_features == 0) return y.view(with_last_dim(x, w.out_features));
+  if (tokens <= k.fused_max_tokens(dtype, false)) {
+    if (in_scale.defined()) x2 = ia3::ia3_scale(x2, std::nullopt, in_scale);
+    k.matvec(dtype, w, x2, b, y);
+  } else {
     const float* scale = in_scale.defined() ? in_scale.const_data_ptr<float>() : nullptr;
-    if (tokens <= fused_max_tokens(dtype, false)) {
-      // A few rows of x: scaling them costs less than touching W again.
-      if (scale) {
-        at::Tensor xs = at::empty(x2.sizes(), x2.options());
-        cpu::ia3_scale(active_cpu_path(), dtype, x2.const_data_ptr(), nullptr, scale,
-                       w.in_features, 0, tokens, xs.mutable_data_ptr());
-        x2 = xs;
-      }
-      forward_fused(dtype, m, x2, b, y);
-    } else {
-      forward_tiled(dtype, m, x2, b, scale, y);
-    }
+    auto decode = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, at::Tensor& tile) {
+      k.decode_tile(dtype, w, r0, r1, c0, c1, scale, tile);
+    };
+    nf4_forward_tiled(decode, w.out_features, w.in_features, k.tile_bytes, x2, b, y);
   }
   return y.view(with_last_dim(x, w.out_features));
 }
@@ -238,25 +209,28 @@ at::Tensor nf4_linear_backward_input(const char* op, const at::Tensor& dy, const
   const DType dtype = float_dtype(op, "grad_out", dy.scalar_type());
   check_features(op, "grad_out", dy, w.out_features, "out_features");
   check_same_device(op, dy, "grad_out", w.packed, "packed");
+  const NF4Kernels& k = kernels_for(op, dy);
   const int64_t tokens = leading_rows(dy);
   const at::Tensor dy2 = dy.reshape({tokens, w.out_features}).contiguous();
   at::Tensor dx = at::empty({tokens, w.in_features}, dy.options());
-  if (tokens > 0 && w.in_features > 0) {
-    const cpu::NF4Matrix m = w.matrix();
-    if (tokens <= fused_max_tokens(dtype, true)) backward_fused(dtype, m, dy2, dx);
-    else backward_tiled(dtype, m, dy2, dx);
+  if (tokens == 0 || w.in_features == 0) return dx.view(with_last_dim(dy, w.in_features));
+  if (tokens <= k.fused_max_tokens(dtype, true)) {
+    k.matvec_t(dtype, w, dy2, dx);
+  } else {
+    auto decode = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, at::Tensor& tile) {
+      k.decode_tile(dtype, w, r0, r1, c0, c1, nullptr, tile);
+    };
+    nf4_backward_tiled(decode, w.out_features, w.in_features, k.tile_bytes, dy2, dx);
   }
   return dx.view(with_last_dim(dy, w.in_features));
 }
 
-namespace {
-
-at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                          int64_t blocksize, int64_t out_features,
-                          const std::optional<at::Tensor>& bias,
-                          const std::optional<at::Tensor>& absmax_scale,
-                          const std::optional<at::Tensor>& absmax_code,
-                          const std::optional<at::Tensor>& absmax_offset) {
+at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                      int64_t blocksize, int64_t out_features,
+                      const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& absmax_scale,
+                      const std::optional<at::Tensor>& absmax_code,
+                      const std::optional<at::Tensor>& absmax_offset) {
   constexpr const char* op = "nf4_linear";
   float_dtype(op, "x", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension (in_features)");
@@ -266,12 +240,11 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   return nf4_linear_forward(op, x, w, bias);
 }
 
-at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& packed,
-                                     const at::Tensor& absmax, int64_t blocksize,
-                                     int64_t in_features,
-                                     const std::optional<at::Tensor>& absmax_scale,
-                                     const std::optional<at::Tensor>& absmax_code,
-                                     const std::optional<at::Tensor>& absmax_offset) {
+at::Tensor nf4_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& packed,
+                                 const at::Tensor& absmax, int64_t blocksize, int64_t in_features,
+                                 const std::optional<at::Tensor>& absmax_scale,
+                                 const std::optional<at::Tensor>& absmax_code,
+                                 const std::optional<at::Tensor>& absmax_offset) {
   constexpr const char* op = "nf4_linear_grad_input";
   float_dtype(op, "grad_out", grad_out.scalar_type());
   TORCH_CHECK_VALUE(grad_out.dim() >= 1, op,
@@ -282,11 +255,9 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tenso
   return nf4_linear_backward_input(op, grad_out, w);
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
-  m.impl("nf4_linear", &nf4_linear_cpu);
-  m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_cpu);
+  m.impl("nf4_linear", &nf4_linear);
+  m.impl("nf4_linear_grad_input", &nf4_linear_grad_input);
 }
 
 }  // namespace pykernels::binding

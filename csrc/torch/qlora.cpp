@@ -1,9 +1,10 @@
-// QLoRA on the CPU: a LoRA adapter over an NF4 base,
+// QLoRA, for the CPU and CUDA alike: a LoRA adapter over an NF4 base,
 //   y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ,   W [out, in] stored as NF4, frozen.
 // The base half is the NF4 linear layer (nf4_linear.h: fused kernels for few
 // tokens, W decoded one tile at a time for many; never a dense copy of W), the
 // adapter half is LoRA's (lora_adapter.h: written into the base's output and
-// grad input in place). This file only joins them and checks their agreement.
+// grad input in place). Both pick their device's kernels, so this file only
+// joins them, checks their agreement and registers the ops for both devices.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -14,7 +15,7 @@
 namespace pykernels::binding {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> qlora_linear_cpu(
+std::tuple<at::Tensor, at::Tensor> qlora_linear(
     const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
     int64_t out_features, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& absmax_scale, const std::optional<at::Tensor>& absmax_code,
@@ -32,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor> qlora_linear_cpu(
   return {y, xa.view(with_last_dim(x, lora_A.size(0)))};
 }
 
-std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> qlora_linear_backward_cpu(
+std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> qlora_linear_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_xa, const at::Tensor& x,
     const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
     const std::optional<at::Tensor>& absmax_scale, const std::optional<at::Tensor>& absmax_code,
@@ -46,12 +47,7 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> qlora_linear_backw
   const NF4View w = nf4_view(op, packed, absmax, blocksize, out_features, x.size(-1),
                              absmax_scale, absmax_code, absmax_offset);
   const int64_t rank = lora_A.size(0);
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(with_last_dim(x, out_features)), op,
-                    ": grad_out must have the output's shape ",
-                    at::IntArrayRef(with_last_dim(x, out_features)), ", got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(xa.sizes() == at::IntArrayRef(with_last_dim(x, rank)), op,
-                    ": xa must have shape ", at::IntArrayRef(with_last_dim(x, rank)), ", got ",
-                    xa.sizes());
+  lora::check_backward_inputs(op, x, grad_out, grad_xa, xa, out_features, rank);
   const at::Tensor dy2d = grad_out.reshape({-1, out_features});
   const lora::AdapterGrads g =
       lora::adapter_backward(dy2d, grad_xa.value_or(at::Tensor()), x.reshape({-1, x.size(-1)}),
@@ -65,8 +61,15 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> qlora_linear_backw
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
-  m.impl("qlora_linear", &qlora_linear_cpu);
-  m.impl("qlora_linear_backward", &qlora_linear_backward_cpu);
+  m.impl("qlora_linear", &qlora_linear);
+  m.impl("qlora_linear_backward", &qlora_linear_backward);
 }
+
+#ifdef PYKERNELS_WITH_CUDA
+TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+  m.impl("qlora_linear", &qlora_linear);
+  m.impl("qlora_linear_backward", &qlora_linear_backward);
+}
+#endif
 
 }  // namespace pykernels::binding

@@ -11,7 +11,8 @@ these ops are what goes around it:
   (scaling x, T×in, costs less than scaling W, out×in, whenever T < out).
 * ``ia3_nf4_linear(x, <NF4 state>, l)`` = ``(x ⊙ l)·Wᵀ + b`` for an NF4 W: l is
   folded into every decoded tile of W (W·diag(l)), so x is never rescaled in
-  memory (CPU; on CUDA x is scaled by ``ia3_scale`` and goes to ``nf4_linear``).
+  memory (CPU and CUDA; with few tokens, where the fused kernels run, the few
+  rows of x are scaled instead).
 
 Gradients: ``ia3_scale`` gives ``grad_v = grad ⊙ l`` and
 ``grad_l = Σ_rows grad ⊙ (v + bias)`` in one pass (``ia3_scale_backward``); for
@@ -46,10 +47,6 @@ def ia3_nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                    absmax_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(x ⊙ l)·Wᵀ + bias`` with W stored as NF4 (state as in ``nf4_linear``),
     l ``[in_features]``. Differentiable in x, l and bias; W is frozen."""
-    if x.is_cuda:  # no fused CUDA kernel yet: scale x, then the NF4 linear
-        return torch.ops.pykernels.nf4_linear(ia3_scale(x, l), packed, absmax, blocksize,
-                                              out_features, bias, absmax_scale, absmax_code,
-                                              absmax_offset)
     return _ops.ia3_nf4_linear(x, packed, absmax, blocksize, out_features, bias, absmax_scale,
                                absmax_code, absmax_offset, l)
 

@@ -70,10 +70,12 @@ cudaError_t nf4_matvec_t(DType dtype, const NF4Matrix& w, const void* dy, int64_
                          float* workspace, void* dx, cudaStream_t stream);
 
 // W[row_begin:row_end, col_begin:col_end] decoded into out (row-major, dtype):
-// the values nf4_dequantize gives, the tile a GEMM multiplies.
+// the values nf4_dequantize gives, the tile a GEMM multiplies. col_scale (fp32
+// [w.cols], nullable; IA³'s input scaling): each value, rounded to dtype, times
+// col_scale[column], rounded again: ia3_scale's bits on the decoded tile.
 cudaError_t nf4_dequantize_tile(DType dtype, const NF4Matrix& w, int64_t row_begin,
-                                int64_t row_end, int64_t col_begin, int64_t col_end, void* out,
-                                cudaStream_t stream);
+                                int64_t row_end, int64_t col_begin, int64_t col_end,
+                                const float* col_scale, void* out, cudaStream_t stream);
 
 // ---- LoRA: the products that touch drop(x) (math: csrc/cpu/lora.cpp) ----
 // Row-major contiguous buffers: x [rows, cols], a (lora_A) [rank, cols] and out
