@@ -14,3 +14,9 @@ __version__ = "0.1.0"
 from .adapters import AdapterModel, LoRAConfig, QLoRAConfig, wrap
 
 __all__ += ["AdapterModel", "LoRAConfig", "QLoRAConfig", "wrap"]
+from .adapters import IA3Config
+
+__all__ += ["IA3Config"]
+from .adapters import BottleneckConfig
+
+__all__ += ["BottleneckConfig"]

@@ -210,7 +210,9 @@ class AdapterModel(nn.Module):
         steps = list(self._each(None))
         for method, _, _ in steps:
             if not method.can_merge:
-                raise NotImplementedError(f"merge_and_unload: {method.name} adapters cannot be merged")
+                why = f": {method.no_merge_reason}" if method.no_merge_reason else ""
+                raise NotImplementedError(f"merge_and_unload: {method.name} adapters cannot be "
+                                          f"merged{why}")
         for method, _, replacements in reversed(steps):
             for rep in reversed(replacements):
                 self.base_model.set_submodule(rep.path, method.merge(rep))

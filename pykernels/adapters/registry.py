@@ -121,6 +121,8 @@ class AdapterMethod:
     # peft's name for the method (its adapter_config.json "peft_type"), if peft has it.
     peft_type: ClassVar[Optional[str]] = None
     can_merge: ClassVar[bool] = False
+    # Why merge_and_unload refuses a method that cannot merge (said in its error).
+    no_merge_reason: ClassVar[str] = ""
 
     @property
     def name(self) -> str:
