@@ -402,16 +402,20 @@ def train_steps(model, tokenizer, params, train: list[Example], cfg: Config,
     return losses, tokens
 
 
+def pad_rows(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of token rows padded on the right."""
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
 @torch.no_grad()
 def merge_check(model, tokenizer, adapted, examples: list[Example]) -> tuple[float, float]:
     """Merges the adapters into the model and returns (max |logit difference|
     against the unmerged model, the tolerance it must meet)."""
-    pairs = encode(tokenizer, examples)
-    rows = [p + a for p, a in pairs]
-    width = max(map(len, rows))
-    device = model.get_input_embeddings().weight.device
-    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    ids, mask = pad_rows([p + a for p, a in encode(tokenizer, examples)], tokenizer.pad_token_id,
+                         model.get_input_embeddings().weight.device)
     before = model(input_ids=ids, attention_mask=mask).logits.float()
     merge_adapters(model, adapted)
     after = model(input_ids=ids, attention_mask=mask).logits.float()
