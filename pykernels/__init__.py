@@ -20,3 +20,6 @@ __all__ += ["IA3Config"]
 from .adapters import BottleneckConfig
 
 __all__ += ["BottleneckConfig"]
+from .adapters import PromptTuningConfig
+
+__all__ += ["PromptTuningConfig"]

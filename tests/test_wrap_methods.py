@@ -3,12 +3,15 @@ BottleneckConfig, PromptTuningConfig) and mixed batches over named LoRA
 adapters: targeting, merging, our files, peft's files both ways and peft's
 mixed-batch adapter_names on SmolLM2, the trainable-parameter report, and
 torch.compile(fullgraph=True)."""
+import os
+
 import pytest
 import torch
 from torch import nn
 
-from pykernels import AdapterModel, BottleneckConfig, IA3Config, LoRAConfig, wrap
-from pykernels.nn import AdaptedModule, IA3Linear, LoRALinear, NF4Linear
+from pykernels import (AdapterModel, BottleneckConfig, IA3Config, LoRAConfig, PromptTuningConfig,
+                       wrap)
+from pykernels.nn import AdaptedModule, IA3Linear, LoRALinear, NF4Linear, prompt_tuning
 
 from test_wrap import count, logits, smollm2, tiny_llama, tokens  # noqa: F401 (smollm2: fixture)
 
@@ -204,3 +207,99 @@ def test_bottleneck_bad_config():
     with pytest.raises(ValueError, match="layer 5 out of range"):
         wrap(model, BottleneckConfig(layers=[5]))
     assert count(model, AdaptedModule) == 0
+
+
+# -- prompt tuning ------------------------------------------------------------------------------
+
+
+def test_prompt_tuning_forward_generate_match_prompt_tuning_lm():
+    model, ids = tiny_llama(), tokens()
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding in row 1
+    wrapped = wrap(model, PromptTuningConfig(num_virtual_tokens=3, init="vocab"))
+    prompt = wrapped.adapter_tensors()["prompt_embeddings"]
+    assert prompt.shape == (3, 64) and prompt.requires_grad
+    with torch.no_grad():
+        got = wrapped(ids, attention_mask=mask, use_cache=False).logits
+    generated = wrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3,
+                                 do_sample=False)
+    wrapped.unload()
+    reference = prompt_tuning(model, 3)
+    with torch.no_grad():
+        reference.prompt.embedding.weight.copy_(prompt)
+        expected = reference(ids, attention_mask=mask, use_cache=False).logits
+    assert got.shape == (2, 3 + 9, 128)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert torch.equal(generated, reference.generate(ids, attention_mask=mask, max_new_tokens=3,
+                                                     do_sample=False))
+    assert torch.equal(generated[:, :9], ids)
+
+
+def test_prompt_tuning_bad_input():
+    with pytest.raises(ValueError, match="num_virtual_tokens must be an int >= 1"):
+        PromptTuningConfig(num_virtual_tokens=0)
+    with pytest.raises(ValueError, match="init='text' needs init_text and tokenizer"):
+        PromptTuningConfig(init="text", init_text="hello")
+    wrapped = wrap(tiny_llama(), PromptTuningConfig(num_virtual_tokens=60))
+    with pytest.raises(ValueError, match="60 virtual tokens \\+ 9 input tokens = 69 exceeds"):
+        wrapped(tokens())
+    with pytest.raises(NotImplementedError, match="virtual tokens are inputs, not weights"):
+        wrapped.merge_and_unload()
+
+
+def test_peft_saved_prompt_tuning_loads_here_and_back(smollm2, tmp_path):
+    from peft import PeftModel, PromptTuningConfig as PeftPromptTuningConfig, get_peft_model
+    base, ids, _ = smollm2
+    # peft's prompt tuning leaves the base model's modules as they were: no unload.
+    peft_model = get_peft_model(base, PeftPromptTuningConfig(task_type="CAUSAL_LM",
+                                                             num_virtual_tokens=4))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    expected = logits(peft_model.eval(), ids)
+    ours = AdapterModel.from_pretrained(base, str(tmp_path / "peft"))
+    try:
+        assert ours.adapter_configs["default"] == [PromptTuningConfig(num_virtual_tokens=4)]
+        got = logits(ours, ids)
+        with torch.no_grad():
+            ours.adapter_tensors()["prompt_embeddings"].mul_(0.5)
+        ours_logits = logits(ours, ids)
+        ours.save_adapter(str(tmp_path / "ours"), format="peft")
+    finally:
+        ours.unload()
+    assert got.shape == (1, 4 + ids.shape[1], base.config.vocab_size)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    theirs = logits(PeftModel.from_pretrained(base, str(tmp_path / "ours")).eval(), ids)
+    assert (ours_logits - got).abs().max() > 1e-2
+    torch.testing.assert_close(theirs, ours_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_plus_lora_hybrid_trains_saves_loads_on_smollm2(smollm2, tmp_path):
+    from pykernels.models import cache_dir
+    base, ids, _ = smollm2
+    tokenizer = os.path.join(cache_dir(), "smollm2-135m-instruct")
+    hybrid = [PromptTuningConfig(num_virtual_tokens=4, init="text", init_text="Answer briefly:",
+                                 tokenizer=tokenizer),
+              LoRAConfig(r=4, target_modules=["q_proj", "v_proj"])]
+    wrapped = wrap(base, hybrid)
+    try:
+        params = list(wrapped.adapter_tensors().values())
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        wrapped.train()
+        losses = []
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss = wrapped(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        wrapped.eval()
+        expected = logits(wrapped, ids)
+        wrapped.save_adapter(str(tmp_path))
+    finally:
+        wrapped.unload()
+    assert losses[-1] < losses[0] - 0.1, losses
+    loaded = AdapterModel.from_pretrained(base, str(tmp_path))
+    try:
+        got = logits(loaded, ids)
+    finally:
+        loaded.unload()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -197,8 +197,15 @@ class AdapterModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        input_ids = args[0] if args else kwargs.get("input_ids")
         args, kwargs = self._prepare(args, kwargs)
-        return self.base_model.generate(*args, **kwargs)
+        out = self.base_model.generate(*args, **kwargs)
+        if input_ids is not None and not args and kwargs.get("input_ids") is None:
+            # A method turned input_ids into inputs_embeds (prompt tuning), from which
+            # transformers returns the new tokens alone: put the input in front, as
+            # generating from input_ids does.
+            out = torch.cat([input_ids, out.to(input_ids.device)], dim=1)
+        return out
 
     def merge_and_unload(self) -> nn.Module:
         """The base model with the active adapter merged into plain layers (LoRA:

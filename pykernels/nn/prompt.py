@@ -89,6 +89,37 @@ class PromptEmbedding(nn.Module):
         return ops.prompt_embed(input_ids, weight, self.embedding.weight.to(weight.dtype))
 
 
+def check_prompt_length(prompt: PromptEmbedding, config, seq: int, new_tokens: int = 0) -> None:
+    """ValueError when n virtual + ``seq`` input + ``new_tokens`` tokens exceed the
+    context of the model ``config`` describes."""
+    n = prompt.num_virtual_tokens
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and n + seq + new_tokens > context:
+        extra = f" + {new_tokens} new tokens" if new_tokens else ""
+        raise ValueError(f"prompt tuning: {n} virtual tokens + {seq} input tokens{extra} = "
+                         f"{n + seq + new_tokens} exceeds the model's context of {context} "
+                         "(config.max_position_embeddings)")
+
+
+def prompt_inputs(prompt: PromptEmbedding, word_embeddings, input_ids: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor] = None,
+                  labels: Optional[torch.Tensor] = None) -> dict:
+    """A causal LM's arguments with the prompt in front: ``inputs_embeds``
+    [B, n + S, dim], the mask widened with ones and the labels with -100."""
+    if input_ids is None:
+        raise ValueError("prompt tuning: input_ids is required (the prompt is prepended to "
+                         "their embeddings)")
+    batch, n = input_ids.shape[0], prompt.num_virtual_tokens
+    inputs = {"inputs_embeds": prompt(input_ids, word_embeddings)}
+    if attention_mask is not None:
+        ones = attention_mask.new_ones((batch, n))
+        inputs["attention_mask"] = torch.cat([ones, attention_mask], dim=1)
+    if labels is not None:
+        ignore = labels.new_full((batch, n), -100)
+        inputs["labels"] = torch.cat([ignore, labels], dim=1)
+    return inputs
+
+
 class PromptTuningLM(nn.Module):
     """A transformers causal LM with a PromptEmbedding in front.
 
@@ -113,27 +144,11 @@ class PromptTuningLM(nn.Module):
         return self.model.config
 
     def _check_length(self, seq: int, new_tokens: int = 0) -> None:
-        n = self.prompt.num_virtual_tokens
-        context = getattr(self.model.config, "max_position_embeddings", None)
-        if context is not None and n + seq + new_tokens > context:
-            extra = f" + {new_tokens} new tokens" if new_tokens else ""
-            raise ValueError(f"prompt tuning: {n} virtual tokens + {seq} input tokens{extra} = "
-                             f"{n + seq + new_tokens} exceeds the model's context of {context} "
-                             "(config.max_position_embeddings)")
+        check_prompt_length(self.prompt, self.model.config, seq, new_tokens)
 
     def _inputs(self, input_ids: torch.Tensor, attention_mask, labels=None) -> dict:
-        if input_ids is None:
-            raise ValueError("PromptTuningLM: input_ids is required (the prompt is prepended to "
-                             "their embeddings)")
-        batch, n = input_ids.shape[0], self.prompt.num_virtual_tokens
-        inputs = {"inputs_embeds": self.prompt(input_ids, self.model.get_input_embeddings())}
-        if attention_mask is not None:
-            ones = attention_mask.new_ones((batch, n))
-            inputs["attention_mask"] = torch.cat([ones, attention_mask], dim=1)
-        if labels is not None:
-            ignore = labels.new_full((batch, n), -100)
-            inputs["labels"] = torch.cat([ignore, labels], dim=1)
-        return inputs
+        return prompt_inputs(self.prompt, self.model.get_input_embeddings(), input_ids,
+                             attention_mask, labels)
 
     def forward(self, input_ids: torch.Tensor = None, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, **kwargs):
