@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 
@@ -145,13 +144,10 @@ def cmd_memory(args) -> int:
     if args.model:
         from transformers import AutoConfig
 
-        from .models import SMOLLM2, cache_dir, load_model
+        from .models import SMOLLM2, load_model, model_dir
         if args.model == SMOLLM2:
             load_model(SMOLLM2)  # converts and caches the model on first use
-            path = os.path.join(cache_dir(), "smollm2-135m-instruct")
-        else:
-            path = args.model
-        shape = memory.shape_from_config(AutoConfig.from_pretrained(path), args.model)
+        shape = memory.shape_from_config(AutoConfig.from_pretrained(model_dir(args.model)), args.model)
     else:
         shape = memory.shape_for_params(args.params)
     overrides = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads",

