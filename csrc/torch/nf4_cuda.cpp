@@ -17,22 +17,31 @@ namespace {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// The flag read back after the launch raises only once the device guard is gone:
+// on the H200 (torch 2.11) raising with the guard alive crashed the process
+// (NaN test and prompt_embed's bad id, both after a read-back; every raise before
+// a guard was fine).
 std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& x_in, int64_t blocksize) {
   constexpr const char* op = "nf4_quantize";
   const DType dtype = float_dtype(op, "x", x_in.scalar_type());
   check_nf4_blocksize(op, blocksize);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const int64_t n = x.numel();
-  at::Tensor packed = at::empty({nf4_packed_bytes(n)}, x.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({nf4_num_blocks(n, blocksize)}, x.options().dtype(at::kFloat));
-  at::Tensor first_bad = at::empty({1}, x.options().dtype(at::kLong));
-  C10_CUDA_CHECK(cuda::nf4_quantize(dtype, x.const_data_ptr(), n, blocksize,
-                                    packed.mutable_data_ptr<uint8_t>(),
-                                    absmax.mutable_data_ptr<float>(),
-                                    first_bad.mutable_data_ptr<int64_t>(), current_stream()));
-  // Reading the flag waits for the kernel: a NaN or Inf must raise here, as on the CPU.
-  check_nf4_finite(op, first_bad.item<int64_t>(), n, blocksize);
+  const int64_t n = x_in.numel();
+  at::Tensor packed, absmax;
+  int64_t first_bad = -1;
+  {
+    const c10::cuda::CUDAGuard guard(x_in.device());
+    const at::Tensor x = x_in.contiguous();
+    packed = at::empty({nf4_packed_bytes(n)}, x.options().dtype(at::kByte));
+    absmax = at::empty({nf4_num_blocks(n, blocksize)}, x.options().dtype(at::kFloat));
+    at::Tensor flag = at::empty({1}, x.options().dtype(at::kLong));
+    C10_CUDA_CHECK(cuda::nf4_quantize(dtype, x.const_data_ptr(), n, blocksize,
+                                      packed.mutable_data_ptr<uint8_t>(),
+                                      absmax.mutable_data_ptr<float>(),
+                                      flag.mutable_data_ptr<int64_t>(), current_stream()));
+    // Reading the flag waits for the kernel: a NaN or Inf must raise here, as on the CPU.
+    first_bad = flag.item<int64_t>();
+  }
+  check_nf4_finite(op, first_bad, n, blocksize);
   return {packed, absmax};
 }
 
