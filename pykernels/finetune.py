@@ -15,10 +15,12 @@ the prediction is the label with the highest score. The model never generates.
 Held-out examples are balanced across labels, so always answering the majority
 label scores 1/labels, not the data set's majority share.
 
-The adapters go on through ONE function, ``apply_method`` (swap each targeted
-nn.Linear for a QLoRALinear / LoRALinear), so a model wrapper can replace it in
-one place; ``save_adapter`` / ``load_adapter`` write and read its weights as
-safetensors plus a JSON config (no pickle).
+The adapters are the model wrapper's (``pykernels.wrap`` with the QLoRAConfig /
+LoRAConfig of ``adapter_config``); the job saves the adapter in peft's format
+(adapter_model.safetensors + adapter_config.json, no pickle), which
+``peft.PeftModel.from_pretrained`` and ``AdapterModel.from_pretrained`` read
+(a QLoRA adapter with ``quantized=True, adapter_dtype="float32"``: peft's file
+does not say the base was 4-bit), and merges it with ``merge_and_unload``.
 """
 from __future__ import annotations
 
@@ -36,8 +38,6 @@ from torch import nn
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("qlora", "lora")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 # More distinct answers than this and the data is not a classification task:
 # no accuracy, and training batches are drawn uniformly instead of per label.
 MAX_LABELS = 32
@@ -224,82 +224,16 @@ def text_loss(model, tokenizer, text: str, max_tokens: int) -> float:
 
 # ---- adapters ----
 
-def apply_method(model: nn.Module, method: str, rank: int, alpha: float,
-                 targets=LLAMA_TARGETS, dropout: float = 0.0) -> dict[str, nn.Module]:
-    """Freezes ``model`` and swaps every nn.Linear whose name ends in one of
-    ``targets`` for a QLoRALinear (NF4 base, fp32 adapter) or LoRALinear.
-    Returns the adapted modules by name (the one place a model wrapper replaces)."""
-    from .nn import LoRALinear, QLoRALinear
+def adapter_config(method: str, rank: int, alpha: float, targets=LLAMA_TARGETS):
+    """The wrap() config of the job's ``method``: QLoRA (NF4 base, fp32 A and B,
+    also under a bf16 model) or LoRA on every nn.Linear named like ``targets``."""
+    from .adapters import LoRAConfig, QLoRAConfig
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    model.requires_grad_(False)
-    adapted = {}
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.split(".")[-1] in targets:
-            if method == "qlora":
-                layer = QLoRALinear.from_linear(module, r=rank, alpha=alpha, dropout=dropout,
-                                                adapter_dtype=torch.float32)
-            else:
-                layer = LoRALinear.from_linear(module, r=rank, alpha=alpha, dropout=dropout)
-            model.set_submodule(name, layer)
-            adapted[name] = layer
-    if not adapted:
-        raise ValueError(f"no nn.Linear named like {list(targets)} in the model")
-    return adapted
-
-
-def save_adapter(adapted: dict[str, nn.Module], out_dir: str, config: dict) -> None:
-    """The adapter weights as safetensors (peft's key names) and ``config`` +
-    the method's shape as JSON."""
-    from safetensors.torch import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {f"base_model.model.{name}.{part}.weight":
-               getattr(m, part).weight.detach().float().contiguous().cpu()
-               for name, m in adapted.items() for part in ("lora_A", "lora_B")}
-    save_file(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS))
-    first = next(iter(adapted.values()))
-    config = {**config, "peft_type": "LORA", "r": first.r, "lora_alpha": first.alpha,
-              "lora_dropout": first.dropout, "use_rslora": first.use_rslora,
-              "target_modules": sorted({n.split(".")[-1] for n in adapted})}
-    with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
-        json.dump(config, f, indent=1)
-
-
-def load_adapter(model: nn.Module, adapter_dir: str) -> dict[str, nn.Module]:
-    """Applies the saved method to ``model`` and loads the saved weights."""
-    from safetensors.torch import load_file
-
-    with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
-        config = json.load(f)
-    adapted = apply_method(model, config["method"], config["r"], config["lora_alpha"],
-                           config["target_modules"], config["lora_dropout"])
-    tensors = load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
-    expected = {f"base_model.model.{name}.{part}.weight" for name in adapted
-                for part in ("lora_A", "lora_B")}
-    if set(tensors) != expected:
-        raise ValueError(f"adapter {adapter_dir}: weights do not match the model "
-                         f"(missing {sorted(expected - set(tensors))[:3]}, "
-                         f"unexpected {sorted(set(tensors) - expected)[:3]})")
-    with torch.no_grad():
-        for name, m in adapted.items():
-            for part in ("lora_A", "lora_B"):
-                getattr(m, part).weight.copy_(tensors[f"base_model.model.{name}.{part}.weight"])
-    return adapted
-
-
-def merge_adapters(model: nn.Module, adapted: dict[str, nn.Module]) -> None:
-    """Replaces each adapted module by a plain nn.Linear holding W + scaling·B·A
-    (for QLoRA: the decoded NF4 weight plus the update, the trained model exactly)."""
-    from .nn import QLoRALinear
-
-    for name, m in adapted.items():
-        if isinstance(m, QLoRALinear):
-            model.set_submodule(name, m.merged_linear())
-        else:
-            m.merge()
-            model.set_submodule(name, m.base_layer)
+    if method == "qlora":
+        return QLoRAConfig(r=rank, alpha=alpha, target_modules=list(targets), adapter_dtype="float32")
+    return LoRAConfig(r=rank, alpha=alpha, target_modules=list(targets))
 
 
 # ---- training ----
@@ -411,21 +345,21 @@ def pad_rows(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def merge_check(model, tokenizer, adapted, examples: list[Example]) -> tuple[float, float]:
-    """Merges the adapters into the model and returns (max |logit difference|
-    against the unmerged model, the tolerance it must meet)."""
+def merge_check(wrapped, tokenizer, examples: list[Example]) -> tuple[nn.Module, float, float]:
+    """Merges the wrapped model's adapter (merge_and_unload) and returns (the merged
+    model, max |logit difference| against the unmerged one, the tolerance it must meet)."""
     ids, mask = pad_rows([p + a for p, a in encode(tokenizer, examples)], tokenizer.pad_token_id,
-                         model.get_input_embeddings().weight.device)
-    before = model(input_ids=ids, attention_mask=mask).logits.float()
-    merge_adapters(model, adapted)
-    after = model(input_ids=ids, attention_mask=mask).logits.float()
+                         wrapped.get_input_embeddings().weight.device)
+    before = wrapped(input_ids=ids, attention_mask=mask).logits.float()
+    merged = wrapped.merge_and_unload()
+    after = merged(input_ids=ids, attention_mask=mask).logits.float()
     keep = mask.bool()
     diff = float((after - before)[keep].abs().max())
     # fp32: both sides round the same decoded W differently (W + s·B·A summed once
     # vs x·W + s·(x·A)·B); 1e-4 of the logit scale is ~100x what that costs here.
     # bf16 keeps 8 bits: 2^-6 of the scale.
-    rel = 1e-4 if model.get_input_embeddings().weight.dtype == torch.float32 else 2 ** -6
-    return diff, rel * float(before[keep].abs().max())
+    rel = 1e-4 if merged.get_input_embeddings().weight.dtype == torch.float32 else 2 ** -6
+    return merged, diff, rel * float(before[keep].abs().max())
 
 
 def auto_threads() -> int:
@@ -490,18 +424,21 @@ def measured_training(model, tokenizer, params, train: list[Example], cfg: Confi
 
 
 def run(cfg: Config, progress: Callable = progress_bar, log: Callable = print):
-    """Loads, adapts, evaluates, trains, re-evaluates, saves the adapter and
-    merges it. Returns (Result, the merged model, its tokenizer)."""
+    """Loads, wraps (pykernels.wrap), evaluates, trains, re-evaluates, saves the
+    adapter in peft's format and merges it. Returns (Result, the merged model,
+    its tokenizer)."""
+    from . import wrap
+    from .nn import LoRALinear, QLoRALinear
+
     model, tokenizer, device = load_for_training(cfg)
     train, held = load_task(cfg)
     res = Result(device=str(device), train_examples=len(train), eval_examples=len(held))
 
-    adapted = apply_method(model, cfg.method, cfg.rank, cfg.alpha, cfg.targets)
+    model = wrap(model, adapter_config(cfg.method, cfg.rank, cfg.alpha, cfg.targets))
     params = [p for p in model.parameters() if p.requires_grad]
-    res.trainable_params = sum(p.numel() for p in params)
-    res.total_params = sum(p.numel() for p in model.parameters()) + sum(
-        m.in_features * m.out_features for m in adapted.values() if cfg.method == "qlora")
-    log(f"{cfg.method} r={cfg.rank} alpha={cfg.alpha:g} on {len(adapted)} layers; "
+    res.trainable_params, res.total_params = model.trainable_parameters()
+    layers = sum(isinstance(m, (LoRALinear, QLoRALinear)) for m in model.modules())
+    log(f"{cfg.method} r={cfg.rank} alpha={cfg.alpha:g} on {layers} layers; "
         f"{len(train)} training / {len(held)} held-out examples; device {device}")
 
     res.accuracy_before = accuracy(model, tokenizer, held, cfg.eval_batch_size, progress)
@@ -511,7 +448,6 @@ def run(cfg: Config, progress: Callable = progress_bar, log: Callable = print):
     res.accuracy_after = accuracy(model, tokenizer, held, cfg.eval_batch_size, progress)
 
     if cfg.out:
-        save_adapter(adapted, cfg.out, {"method": cfg.method, "base_model": cfg.model,
-                                        "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed})
-    res.merge_max_abs_diff, res.merge_tolerance = merge_check(model, tokenizer, adapted, held[:8])
+        model.save_adapter(cfg.out, format="peft")
+    model, res.merge_max_abs_diff, res.merge_tolerance = merge_check(model, tokenizer, held[:8])
     return res, model, tokenizer

@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 
+from pykernels import AdapterModel, wrap
 from pykernels import finetune as ft
+from pykernels.adapters.model import PEFT_CONFIG, PEFT_WEIGHTS
 from pykernels.nn import QLoRALinear
 
 pytest.importorskip("transformers")
@@ -23,18 +25,19 @@ def test_few_steps_train_evaluate_merge_save_and_reload(tmp_path):
     assert res.merge_max_abs_diff <= res.merge_tolerance
     assert not any(isinstance(m, QLoRALinear) for m in merged.modules())
 
-    # No pickle: a safetensors file and a JSON config, nothing else.
-    assert sorted(os.listdir(out)) == [ft.ADAPTER_CONFIG, ft.ADAPTER_WEIGHTS]
-    config = json.loads((out / ft.ADAPTER_CONFIG).read_text())
-    assert config["method"] == "qlora" and config["r"] == 8 and len(config["target_modules"]) == 7
+    # No pickle: peft's safetensors file and JSON config, nothing else.
+    assert sorted(os.listdir(out)) == [PEFT_CONFIG, PEFT_WEIGHTS]
+    config = json.loads((out / PEFT_CONFIG).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and len(config["target_modules"]) == 7
 
     from pykernels.models import load_model
     fresh, _ = load_model("smollm2")
     weight = merged.get_input_embeddings().weight
     fresh.to(device=weight.device, dtype=weight.dtype)  # a GPU run trains in bf16
-    adapted = ft.load_adapter(fresh, str(out))
-    assert len(adapted) == 210
-    assert any(m.lora_B.weight.abs().max() > 0 for m in adapted.values())  # trained, not the init
+    fresh = AdapterModel.from_pretrained(fresh, str(out), quantized=True, adapter_dtype="float32")
+    layers = [m for m in fresh.modules() if isinstance(m, QLoRALinear)]
+    assert len(layers) == 210
+    assert any(m.lora_B.weight.abs().max() > 0 for m in layers)  # trained, not the init
     example = ft.Example("Classify the message as one of: ham, spam.\nMessage: WIN a prize now\nAnswer:",
                          " spam")
     pairs = ft.encode(tokenizer, [example])
@@ -76,9 +79,10 @@ def test_answer_logprobs_rejects_empty_prompt_or_answer():
         ft.answer_logprobs(torch.nn.Module(), [([1, 2], [])], pad_id=0)
 
 
-def test_apply_method_rejects_unknown_method_and_missing_targets():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+def test_adapter_config_rejects_unknown_method_and_wrap_missing_targets():
     with pytest.raises(ValueError, match="method"):
-        ft.apply_method(model, "prefix", 4, 8)
-    with pytest.raises(ValueError, match="no nn.Linear"):
-        ft.apply_method(model, "lora", 4, 8)
+        ft.adapter_config("prefix", 4, 8)
+    config = ft.adapter_config("qlora", 4, 8)
+    assert (config.r, config.alpha, config.adapter_dtype) == (4, 8, "float32")
+    with pytest.raises(ValueError, match="matched no"):
+        wrap(torch.nn.Sequential(torch.nn.Linear(4, 4)), ft.adapter_config("lora", 4, 8))

@@ -3,9 +3,9 @@ and beside the commonly quoted 65B figures."""
 import pytest
 import torch
 
-from pykernels import memory
+from pykernels import memory, wrap
 from pykernels.__main__ import main
-from pykernels.finetune import answer_logprobs, apply_method
+from pykernels.finetune import adapter_config, answer_logprobs
 
 pytest.importorskip("transformers")
 
@@ -16,7 +16,7 @@ def test_estimate_within_15_percent_of_measured_smollm2_training():
     model, _ = load_model("smollm2")
     shape = memory.shape_from_config(model.config, "smollm2")
     assert shape.params == sum(p.numel() for p in model.parameters())
-    apply_method(model, "qlora", rank=8, alpha=16)
+    model = wrap(model, adapter_config("qlora", rank=8, alpha=16))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     model.train()
