@@ -36,6 +36,28 @@ def logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits
 
 
+def peft_saved(base, peft_config, directory, ids, perturb):
+    """Saves to ``directory`` an adapter peft builds over ``base`` from ``peft_config``,
+    each of its parameters first passed to ``perturb(name, param, generator)`` (under
+    no_grad) so the adapter matters; returns peft's logits. ``base`` is left bare."""
+    from peft import get_peft_model
+    peft_model = get_peft_model(base, peft_config)
+    try:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                perturb(name, param, g)
+        peft_model.save_pretrained(directory)
+        return logits(peft_model.eval(), ids)
+    finally:
+        peft_model.unload()
+
+
+def assert_matches_peft(got, expected, base_logits):
+    assert (got - base_logits).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def randomize(wrapped, seed, name=None):
     """Nonzero B (and a new A), so an adapter changes the output and a test can fail."""
     g = torch.Generator().manual_seed(seed)
@@ -403,20 +425,16 @@ def smollm2():
 
 
 def test_peft_saved_lora_loads_here(smollm2, tmp_path):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     base, ids, base_logits = smollm2
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, use_rslora=True,
-                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
-    try:
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=g) * 0.05)
-        peft_model.save_pretrained(str(tmp_path))
-        expected = logits(peft_model.eval(), ids)
-    finally:
-        peft_model.unload()
+
+    def perturb(name, param, g):
+        if "lora_" in name:
+            param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+
+    expected = peft_saved(base, LoraConfig(r=4, lora_alpha=8, use_rslora=True,
+                                           target_modules=["q_proj", "v_proj", "down_proj"]),
+                          str(tmp_path), ids, perturb)
     ours = AdapterModel.from_pretrained(base, str(tmp_path))
     try:
         config = ours.adapter_configs["default"][0]
@@ -425,8 +443,7 @@ def test_peft_saved_lora_loads_here(smollm2, tmp_path):
         got = logits(ours, ids)
     finally:
         ours.unload()
-    assert (got - base_logits).abs().max() > 1e-2  # the adapter matters
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert_matches_peft(got, expected, base_logits)
 
 
 def test_ours_saved_in_peft_format_loads_in_peft(smollm2, tmp_path):
