@@ -110,23 +110,7 @@ struct Avx2 {
 
 namespace pykernels::cpu {
 
-void lora_x_at_avx2(DType dtype, const void* x, const void* a, int64_t cols, int64_t rank,
-                    const Dropout& d, int64_t row_begin, int64_t row_end, void* out,
-                    float* scratch, const int64_t* row_map) {
-  x_at_any<Avx2>(dtype, x, a, cols, rank, d, row_begin, row_end, out, scratch, row_map);
-}
-
-void lora_gt_x_avx2(DType dtype, const float* g, const void* x, int64_t rows, int64_t cols,
-                    int64_t rank, const Dropout& d, int64_t col_begin, int64_t col_end,
-                    void* out, float* scratch, const int64_t* row_map) {
-  gt_x_any<Avx2>(dtype, g, x, rows, cols, rank, d, col_begin, col_end, out, scratch, row_map);
-}
-
-void lora_add_g_a_avx2(DType dtype, const float* g, const void* a, int64_t cols, int64_t rank,
-                       float scale, const Dropout& d, int64_t row_begin, int64_t row_end,
-                       void* out, const int64_t* row_map) {
-  add_g_a_any<Avx2>(dtype, g, a, cols, rank, scale, d, row_begin, row_end, out, row_map);
-}
+PK_LORA_ENTRY_POINTS(avx2, x_at_any<Avx2>, gt_x_any<Avx2>, add_g_a_any<Avx2>)
 
 }  // namespace pykernels::cpu
 
@@ -139,17 +123,6 @@ void lora_add_g_a_avx2(DType dtype, const float* g, const void* a, int64_t cols,
 #else  // not x86-64: the dispatcher never selects this path; keep the symbols.
 #include "lora_paths.h"
 namespace pykernels::cpu {
-void lora_x_at_avx2(DType t, const void* x, const void* a, int64_t c, int64_t r, const Dropout& d,
-                    int64_t b, int64_t e, void* o, float* s, const int64_t* m) {
-  lora_x_at_scalar(t, x, a, c, r, d, b, e, o, s, m);
-}
-void lora_gt_x_avx2(DType t, const float* g, const void* x, int64_t n, int64_t c, int64_t r,
-                    const Dropout& d, int64_t b, int64_t e, void* o, float* s, const int64_t* m) {
-  lora_gt_x_scalar(t, g, x, n, c, r, d, b, e, o, s, m);
-}
-void lora_add_g_a_avx2(DType t, const float* g, const void* a, int64_t c, int64_t r, float s,
-                       const Dropout& d, int64_t b, int64_t e, void* o, const int64_t* m) {
-  lora_add_g_a_scalar(t, g, a, c, r, s, d, b, e, o, m);
-}
+PK_LORA_ENTRY_POINTS(avx2, lora_x_at_scalar, lora_gt_x_scalar, lora_add_g_a_scalar)
 }  // namespace pykernels::cpu
 #endif

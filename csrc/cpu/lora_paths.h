@@ -30,6 +30,26 @@ PK_LORA_PATH(avx2)
 PK_LORA_PATH(avx512)
 #undef PK_LORA_PATH
 
+// Defines one path's entry points as calls of x_at, gt_x and add_g_a with the
+// same arguments: lora_tiles.h's bodies for the path's traits, or the scalar
+// path on machines the path does not exist on (the dispatcher never picks it).
+#define PK_LORA_ENTRY_POINTS(suffix, x_at, gt_x, add_g_a)                                      \
+  void lora_x_at_##suffix(DType dtype, const void* x, const void* a, int64_t cols,             \
+                          int64_t rank, const Dropout& d, int64_t row_begin, int64_t row_end,  \
+                          void* out, float* scratch, const int64_t* row_map) {                 \
+    x_at(dtype, x, a, cols, rank, d, row_begin, row_end, out, scratch, row_map);               \
+  }                                                                                            \
+  void lora_gt_x_##suffix(DType dtype, const float* g, const void* x, int64_t rows,            \
+                          int64_t cols, int64_t rank, const Dropout& d, int64_t col_begin,     \
+                          int64_t col_end, void* out, float* scratch, const int64_t* row_map) { \
+    gt_x(dtype, g, x, rows, cols, rank, d, col_begin, col_end, out, scratch, row_map);         \
+  }                                                                                            \
+  void lora_add_g_a_##suffix(DType dtype, const float* g, const void* a, int64_t cols,         \
+                             int64_t rank, float scale, const Dropout& d, int64_t row_begin,   \
+                             int64_t row_end, void* out, const int64_t* row_map) {             \
+    add_g_a(dtype, g, a, cols, rank, scale, d, row_begin, row_end, out, row_map);              \
+  }
+
 // Runs `call` with E (the element type) and D (the DType) bound to dtype's.
 #define PK_LORA_DTYPE_SWITCH(name, call)                     \
   switch (dtype) {                                           \
