@@ -191,6 +191,19 @@ def test_dequantize_into_preallocated_buffer(dtype):
     assert torch.equal(out, ops.nf4_dequantize(packed, absmax, w.shape, dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_outputs_stream_into_a_kept_buffer_with_the_same_values(dtype):
+    """Past 16 MiB the AVX-512 path writes a caller's buffer with streaming stores
+    and a fresh allocation with ordinary ones: both give the reference's values."""
+    w = torch.randn(2048, 4160).to(dtype)  # 17 MiB in bf16, 34 MiB in fp32
+    packed, absmax = ops.nf4_quantize(w)
+    want = reference.nf4_dequantize(packed, absmax, w.shape, dtype, 64)
+    out = torch.empty_like(w)
+    ops.nf4_dequantize(packed, absmax, w.shape, out=out)
+    assert torch.equal(out, want)
+    assert torch.equal(ops.nf4_dequantize(packed, absmax, w.shape, dtype), want)
+
+
 def test_quantization_error_is_small():
     w = torch.randn(512, 512)
     back = NF4Tensor.quantize(w).dequantize()

@@ -78,7 +78,7 @@ int64_t nf4_quantize_scalar(DType dtype, const void* x, int64_t n, int64_t block
 
 void nf4_dequantize_scalar(DType dtype, const uint8_t* packed, const float* absmax, int64_t n,
                            int64_t blocksize, int64_t block_begin, int64_t block_end,
-                           void* out) {
+                           void* out, bool /*reused_output: no streaming stores here*/) {
   switch (dtype) {
     case DType::F32:
       return dequantize_scalar<DType::F32>(packed, absmax, n, blocksize, block_begin, block_end,
@@ -108,11 +108,11 @@ int64_t nf4_quantize(SimdPath path, DType dtype, const void* x, int64_t n, int64
 
 void nf4_dequantize(SimdPath path, DType dtype, const uint8_t* packed, const float* absmax,
                     int64_t n, int64_t blocksize, int64_t block_begin, int64_t block_end,
-                    void* out) {
+                    void* out, bool reused_output) {
   switch (path) {
     case SimdPath::AVX512:
       return nf4_dequantize_avx512(dtype, packed, absmax, n, blocksize, block_begin, block_end,
-                                   out);
+                                   out, reused_output);
     case SimdPath::AVX2:
       return nf4_dequantize_avx2(dtype, packed, absmax, n, blocksize, block_begin, block_end,
                                  out);

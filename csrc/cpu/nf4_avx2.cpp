@@ -162,7 +162,8 @@ int64_t nf4_quantize_avx2(DType dtype, const void* x, int64_t n, int64_t blocksi
 }
 
 void nf4_dequantize_avx2(DType dtype, const uint8_t* packed, const float* absmax, int64_t n,
-                         int64_t blocksize, int64_t block_begin, int64_t block_end, void* out) {
+                         int64_t blocksize, int64_t block_begin, int64_t block_end, void* out,
+                         bool /*reused_output: no streaming stores here*/) {
   switch (dtype) {
     case DType::F32:
       return dequantize<DType::F32>(packed, absmax, n, blocksize, block_begin, block_end,
@@ -186,7 +187,7 @@ int64_t nf4_quantize_avx2(DType d, const void* x, int64_t n, int64_t bs, int64_t
   return nf4_quantize_scalar(d, x, n, bs, b0, b1, p, a);
 }
 void nf4_dequantize_avx2(DType d, const uint8_t* p, const float* a, int64_t n, int64_t bs,
-                         int64_t b0, int64_t b1, void* o) {
+                         int64_t b0, int64_t b1, void* o, bool) {
   nf4_dequantize_scalar(d, p, a, n, bs, b0, b1, o);
 }
 }  // namespace pykernels::cpu

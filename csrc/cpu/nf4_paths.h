@@ -13,7 +13,7 @@ namespace pykernels::cpu {
                                 float* absmax);                                            \
   void nf4_dequantize_##suffix(DType dtype, const uint8_t* packed, const float* absmax,    \
                                int64_t n, int64_t blocksize, int64_t block_begin,          \
-                               int64_t block_end, void* out);
+                               int64_t block_end, void* out, bool reused_output = false);
 PK_NF4_PATH(scalar)
 PK_NF4_PATH(avx2)
 PK_NF4_PATH(avx512)

@@ -42,8 +42,8 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& x_in, int6
   return {packed, absmax};
 }
 
-void nf4_dequantize_into_cpu(const at::Tensor& packed_in, const at::Tensor& absmax_in,
-                             int64_t blocksize, const at::Tensor& out) {
+void dequantize_into(const at::Tensor& packed_in, const at::Tensor& absmax_in, int64_t blocksize,
+                     const at::Tensor& out, bool reused_output) {
   constexpr const char* op = "nf4_dequantize";
   const DType dtype = check_nf4_dequantize_into(op, packed_in, absmax_in, blocksize, out);
   const int64_t n = out.numel();
@@ -54,8 +54,13 @@ void nf4_dequantize_into_cpu(const at::Tensor& packed_in, const at::Tensor& absm
                    [&](int64_t begin, int64_t end) {
                      cpu::nf4_dequantize(path, dtype, packed.const_data_ptr<uint8_t>(),
                                          absmax.const_data_ptr<float>(), n, blocksize, begin, end,
-                                         out.mutable_data_ptr());
+                                         out.mutable_data_ptr(), reused_output);
                    });
+}
+
+void nf4_dequantize_into_cpu(const at::Tensor& packed, const at::Tensor& absmax,
+                             int64_t blocksize, const at::Tensor& out) {
+  dequantize_into(packed, absmax, blocksize, out, /*reused_output=*/true);
 }
 
 at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax,
@@ -63,7 +68,7 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
                               c10::ScalarType dtype) {
   float_dtype("nf4_dequantize", "dtype", dtype);
   at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), packed.options().dtype(dtype));
-  nf4_dequantize_into_cpu(packed, absmax, blocksize, out);
+  dequantize_into(packed, absmax, blocksize, out, /*reused_output=*/false);
   return out;
 }
 

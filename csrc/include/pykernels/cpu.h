@@ -26,9 +26,12 @@ int64_t nf4_quantize(SimdPath path, DType dtype, const void* x, int64_t n, int64
                      int64_t block_begin, int64_t block_end, uint8_t* packed, float* absmax);
 
 // Decodes blocks [block_begin, block_end) into out (n elements of dtype).
+// reused_output: out is a buffer the caller keeps (its pages mapped), so a large
+// one goes to memory with streaming stores; a fresh allocation's pages arrive
+// zeroed and cached from the page fault, where ordinary stores are faster.
 void nf4_dequantize(SimdPath path, DType dtype, const uint8_t* packed, const float* absmax,
                     int64_t n, int64_t blocksize, int64_t block_begin, int64_t block_end,
-                    void* out);
+                    void* out, bool reused_output = false);
 
 // ---- 8-bit blockwise, the double-quantization format (pykernels/blockwise8.h) ----
 // lut: kBlockwise8LutSize bytes built from the 256-entry sorted code table.
