@@ -16,6 +16,24 @@ def assert_rule(got, ref_lowp, truth, what):
     assert err <= 2 * ref_err + floor, f"{what}: error {err:.3g} vs reference-in-dtype {ref_err:.3g}"
 
 
+def assert_each_within_rule(names, got, reference, dtype, device, what):
+    """assert_rule for each result of one run (the forward, then every gradient),
+    ``got`` computed on ``device``: the truth is reference(torch.float64, "cpu"), the
+    reference in the dtype is reference(dtype, device). On CUDA that reference's
+    error is cuBLAS's (its bf16/fp16 reductions included), the one a user gets
+    there, not the CPU's. ``reference`` returns results in the order of ``names``;
+    where the truth has None (a gradient not asked for), got must be None too."""
+    truth, ref_lowp = reference(torch.float64, "cpu"), reference(dtype, device)
+    for name, g, lo, t in zip(names, got, ref_lowp, truth, strict=True):
+        if t is None:
+            assert g is None, f"{name} {what}"
+            continue
+        assert g.device.type == torch.device(device).type, f"{name} {what}: on {g.device}"
+        assert g.dtype == lo.dtype and g.shape == t.shape, f"{name} {what}: {g.dtype} {tuple(g.shape)}"
+        if t.numel():
+            assert_rule(g.cpu(), lo.cpu(), t, f"{name} {what}")
+
+
 # Prepended to a peak-memory script: status() and reset_peak().
 PEAK_MEMORY_PRELUDE = """
 def status(key):  # kB

@@ -15,7 +15,7 @@ import pykernels
 from pykernels import ops, reference
 from pykernels.nn import LoRALinear
 
-from helpers import assert_rule
+from helpers import assert_each_within_rule, assert_rule
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (leading dims, in, out, r): odd sizes, batch dims or none, r = 1, 2, 3, 8, 64, 70 (rank tiles with
@@ -46,23 +46,22 @@ def forward_backward(fn, x, w, b, a, bb, dy, x_grad=True):
     return y.detach(), x.grad, a.grad, bb.grad
 
 
-def check_against_reference(lead, n_in, n_out, r, dtype, p, seed=5, scale=1.7, x_grad=True):
+def check_against_reference(lead, n_in, n_out, r, dtype, p, seed=5, scale=1.7, x_grad=True,
+                            device="cpu"):
+    """The op on ``device`` against reference.lora_linear by the tolerance rule, forward
+    and every gradient (tests/test_lora_cuda.py runs it with device="cuda")."""
     x, w, b, a, bb = make_inputs(lead, n_in, n_out, r, dtype)
     dy = torch.randn(*lead, n_out, generator=torch.Generator().manual_seed(1)).to(dtype)
     mask = ops.lora_dropout_mask(x.shape, p, seed) if p > 0 else None
-    ours = forward_backward(lambda *t: ops.lora_linear(*t, scale, p, seed), x, w, b, a, bb, dy, x_grad)
+    on = lambda dt, dev: [None if t is None else t.to(dev, dt) for t in (x, w, b, a, bb, dy)]
+    ours = forward_backward(lambda *t: ops.lora_linear(*t, scale, p, seed), *on(dtype, device), x_grad)
 
-    def ref_in(dt):
-        cast = [None if t is None else t.to(dt) for t in (x, w, b, a, bb)]
-        return forward_backward(lambda *t: reference.lora_linear(*t, scale, mask), *cast, dy.to(dt), x_grad)
+    def ref_in(dt, dev):
+        m = None if mask is None else mask.to(dev)
+        return forward_backward(lambda *t: reference.lora_linear(*t, scale, m), *on(dt, dev), x_grad)
 
-    truth, lowp = ref_in(torch.float64), ref_in(dtype)
-    for name, got, ref, want in zip(("y", "dx", "dA", "dB"), ours, lowp, truth):
-        if name == "dx" and not x_grad:
-            assert got is None
-            continue
-        assert got.dtype == dtype and got.shape == want.shape, name
-        assert_rule(got, ref, want, f"{name} {dtype} p={p} {lead}x{n_in}->{n_out} r{r}")
+    assert_each_within_rule(("y", "dx", "dA", "dB"), ours, ref_in, dtype, device,
+                            f"{dtype} p={p} {lead}x{n_in}->{n_out} r{r}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -14,7 +14,7 @@ from torch import nn
 from pykernels import ops, reference
 from pykernels.nn import LoRALinear, MultiLoRALinear, NF4Linear, adapter_ids, set_adapter_ids
 
-from helpers import assert_rule
+from helpers import assert_each_within_rule
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (rows, tokens per row or None for x [rows, in], in, out, r, n_adapters, ids)
@@ -47,27 +47,35 @@ def run(fn, x, base, a, b, dy):
     return (y.detach(), *grads)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("case", CASES)
-def test_matches_reference(case, p, dtype):
+def check_against_reference(case, p, dtype, device="cpu"):
+    """The op on ``device`` against reference.multi_lora by the tolerance rule, forward
+    and every gradient (tests/test_multi_lora_cuda.py runs it with device="cuda");
+    returns the op's (y, dx, dbase, dA, dB)."""
     rows, tokens, n_in, n_out, r, n, id_list = case
     x, base, a, b, scales = make(rows, tokens, n_in, n_out, r, n, dtype)
     ids = torch.tensor(id_list, dtype=torch.int64)
     dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     seed = 11
     mask = ops.lora_dropout_mask(x.shape, p, seed) if p > 0 else None
-    ours = run(lambda *t: ops.multi_lora(*t, scales, ids, p, seed), x, base, a, b, dy)
+    on = lambda dt, dev: [t.to(dev, dt) for t in (x, base, a, b, dy)]
+    ours = run(lambda *t: ops.multi_lora(*t, scales.to(device), ids.to(device), p, seed),
+               *on(dtype, device))
 
-    def ref(dt):
-        return run(lambda *t: reference.multi_lora(*t, scales, ids, mask),
-                   *(t.to(dt) for t in (x, base, a, b)), dy.to(dt))
+    def ref(dt, dev):
+        m = None if mask is None else mask.to(dev)
+        return run(lambda *t: reference.multi_lora(*t, scales, ids.to(dev), m), *on(dt, dev))
 
-    truth, lowp = ref(torch.float64), ref(dtype)
-    for name, got, lo, want in zip(("y", "dx", "dbase", "dA", "dB"), ours, lowp, truth):
-        assert got.dtype == dtype and got.shape == want.shape, name
-        if want.numel():
-            assert_rule(got, lo, want, f"{name} {dtype} p={p} {case}")
+    assert_each_within_rule(("y", "dx", "dbase", "dA", "dB"), ours, ref, dtype, device,
+                            f"{dtype} p={p} {case}")
+    return ours
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(case, p, dtype):
+    ours = check_against_reference(case, p, dtype)
+    n, id_list = case[5], case[6]
     absent = [i for i in range(n) if i not in id_list]
     assert all(ours[3][i].abs().max() == 0 and ours[4][i].abs().max() == 0 for i in absent)
 

@@ -1,14 +1,17 @@
 """NF4 linear on CUDA: y = x·Wᵀ + b and its input gradient with W stored as NF4.
 
-Both paths, against the fp32 reference by the tolerance rule of DESIGN §4 (the
-dtype's own reference is torch's CUDA linear on the decoded W) and against the
-CPU op: the fused kernels up to 16 tokens (1, 2, 3, 5, 8, 13 and 16 tokens touch
-every template bound), the tiles + cuBLAS above (17, 64, 512), on shapes that
-take the vector paths (in % 32 == 0) and the per-element ones (193 x 577), with
-plain and double-quantized absmax and several blocksizes. Also: the two paths
-agree at the handover, double quant decoded on the fly gives the bits of the
-decoded absmax, unaligned buffers, the layer, autograd, gradcheck, opcheck,
-streams, devices that disagree and a weight past 2^31 elements."""
+Both paths, against the float64 truth by the tolerance rule of DESIGN §4 (the
+dtype's own reference is torch's CUDA linear on the decoded W: cuBLAS's sums):
+the fused kernels up to 16 tokens (1, 2, 3, 5, 8, 13 and 16 tokens touch every
+template bound), the tiles + cuBLAS above (17, 64, 512; 16 and 17 are the two
+sides of the handover), on shapes that take the vector paths (in % 32 == 0) and
+the per-element ones (193 x 577), with plain and double-quantized absmax and
+several blocksizes. Not against the CPU op's low-precision values: the two
+devices sum (and, in the tiled path, round W) in other orders, so elementwise
+tolerances on their difference are either loose or flaky. Also: double quant
+decoded on the fly gives the bits of the decoded absmax, unaligned buffers, the
+layer, autograd, gradcheck, opcheck, streams, devices that disagree and a
+weight past 2^31 elements."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,16 +19,14 @@ import torch.nn.functional as F
 from pykernels import NF4Tensor, ops, reference
 from pykernels.nn import NF4Linear
 
-from test_nf4_linear import assert_within_rule, grad_input, inputs, linear, make_weight
+from helpers import assert_each_within_rule
+from test_nf4_linear import grad_input, inputs, linear, make_weight
 
 pytestmark = pytest.mark.cuda  # conftest.py skips these without a CUDA device
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOKENS = [1, 2, 3, 5, 8, 13, 16, 17, 64, 512]
 SHAPES = [(193, 577), (256, 512), (64, 4096)]  # [out, in]
-# CUDA against the CPU op: different summation orders (and cuBLAS's in the tiled path).
-CLOSE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=4e-3, atol=4e-3),
-         torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 
 
 def cuda_weight(shape, double_quant, blocksize=64):
@@ -33,44 +34,53 @@ def cuda_weight(shape, double_quant, blocksize=64):
     return nf4, nf4.to("cuda"), bias
 
 
-# ---- the spec, and the CPU op ----
+def linear_reference(x, nf4, bias=None, dy=None):
+    """reference(dtype, device) for assert_each_within_rule: (y,) = F.linear(x, W, bias)
+    with W the CPU NF4Tensor ``nf4`` decoded to its fp32 values (the spec's), cast
+    to the dtype; given the upstream gradient dy, also the gradients of x and bias."""
+    w32 = reference.nf4_weight(nf4)
+
+    def run(dt, dev):
+        xr = x.detach().to(dev, dt).requires_grad_(dy is not None)  # never x itself
+        br = None if bias is None else bias.detach().to(dev, dt).requires_grad_(dy is not None)
+        y = F.linear(xr, w32.to(dev, dt), br)
+        if dy is None:
+            return (y,)
+        y.backward(dy.to(dev, dt))
+        return y.detach(), xr.grad, None if br is None else br.grad
+    return run
+
+
+def grad_input_reference(dy, nf4):
+    """reference(dtype, device) for nf4_linear_grad_input: (dy·W,)."""
+    w32 = reference.nf4_weight(nf4)
+    return lambda dt, dev: (dy.to(dev, dt) @ w32.to(dev, dt),)
+
+
+# ---- the spec ----
 
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_forward_matches_reference_and_cpu(dtype, tokens, shape, double_quant):
+def test_forward_matches_reference(dtype, tokens, shape, double_quant):
     nf4, nf4_cuda, bias = cuda_weight(shape, double_quant)
     x, b = inputs(tokens, shape[1], dtype), bias.to(dtype)
     y = linear(x.cuda(), nf4_cuda, b.cuda())
-    assert y.is_cuda and y.dtype == dtype and y.shape == (tokens, shape[0])
-    same_dtype = F.linear(x.cuda(), reference.nf4_weight(nf4, dtype).cuda(), b.cuda()).cpu()
-    assert_within_rule(y.cpu(), reference.nf4_linear(x, nf4, b), same_dtype, "forward")
-    torch.testing.assert_close(y.cpu(), linear(x, nf4, b), **CLOSE[dtype])
+    assert_each_within_rule(("y",), (y,), linear_reference(x, nf4, b), dtype, "cuda",
+                            f"{dtype} T={tokens} {shape} dq={double_quant}")
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_grad_input_matches_reference_and_cpu(dtype, tokens, shape, double_quant):
+def test_grad_input_matches_reference(dtype, tokens, shape, double_quant):
     nf4, nf4_cuda, _ = cuda_weight(shape, double_quant)
     dy = inputs(tokens, shape[0], dtype, seed=2)
     dx = grad_input(dy.cuda(), nf4_cuda)
-    assert dx.is_cuda and dx.dtype == dtype and dx.shape == (tokens, shape[1])
-    same_dtype = (dy.cuda() @ reference.nf4_weight(nf4, dtype).cuda()).cpu()
-    assert_within_rule(dx.cpu(), reference.nf4_linear_grad_input(dy, nf4), same_dtype, "grad_input")
-    torch.testing.assert_close(dx.cpu(), grad_input(dy, nf4), **CLOSE[dtype])
-
-
-@pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_and_tiled_paths_agree_at_the_handover(dtype, double_quant):
-    _, nf4, bias = cuda_weight((256, 512), double_quant)
-    x, dy = inputs(17, 512, dtype).cuda(), inputs(17, 256, dtype, seed=3).cuda()
-    b = bias.to(dtype).cuda()
-    torch.testing.assert_close(linear(x[:16], nf4, b), linear(x, nf4, b)[:16], **CLOSE[dtype])
-    torch.testing.assert_close(grad_input(dy[:16], nf4), grad_input(dy, nf4)[:16], **CLOSE[dtype])
+    assert_each_within_rule(("dx",), (dx,), grad_input_reference(dy, nf4), dtype, "cuda",
+                            f"{dtype} T={tokens} {shape} dq={double_quant}")
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 4096])
@@ -143,16 +153,12 @@ def test_empty_and_tiny():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gradients_match_reference_autograd(dtype, tokens):
     nf4, nf4_cuda, bias = cuda_weight((193, 577), True)
-    x = inputs(tokens, 577, dtype).cuda().requires_grad_()
-    b = bias.to(dtype).cuda().requires_grad_()
-    g = inputs(tokens, 193, dtype, seed=6)
-    linear(x, nf4_cuda, b).backward(g.cuda())
-    x32 = x.detach().cpu().float().requires_grad_()
-    b32 = b.detach().cpu().float().requires_grad_()
-    reference.nf4_linear(x32, nf4, b32).backward(g.float())
-    w = reference.nf4_weight(nf4, dtype).cuda()
-    assert_within_rule(x.grad.cpu(), x32.grad, (g.cuda() @ w).cpu(), "grad x")
-    assert_within_rule(b.grad.cpu(), b32.grad, g.cuda().sum(0).cpu(), "grad bias")
+    x, b, g = inputs(tokens, 577, dtype), bias.to(dtype), inputs(tokens, 193, dtype, seed=6)
+    xc, bc = x.cuda().requires_grad_(), b.cuda().requires_grad_()
+    y = linear(xc, nf4_cuda, bc)
+    y.backward(g.cuda())
+    assert_each_within_rule(("y", "grad x", "grad bias"), (y.detach(), xc.grad, bc.grad),
+                            linear_reference(x, nf4, b, g), dtype, "cuda", f"{dtype} T={tokens}")
 
 
 @pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")
@@ -185,17 +191,20 @@ def test_opcheck_every_op():
 
 @pytest.mark.parametrize("tokens", [3, 40])
 def test_layer_on_cuda_matches_the_cpu_layer(tokens):
+    """The layer built from the same dense one, on CUDA: y and the gradients of x and
+    the bias within the rule against the float64 truth on the CPU layer's NF4 weight.
+    (Not against the CPU layer's bf16 values: with 40 tokens cuBLAS's y differs from
+    the CPU's in last bits, and d bias sums such differences over the tokens.)"""
     dense = torch.nn.Linear(577, 193).bfloat16()
     layer = NF4Linear.from_linear(dense, double_quant=True)
-    x = inputs(tokens, 577, torch.bfloat16)
-    results = []
-    for module, xin in ((layer, x), (NF4Linear.from_linear(dense, double_quant=True).cuda(), x.cuda())):
-        xin = xin.clone().requires_grad_()
-        y = module(xin)
-        y.float().square().sum().backward()
-        results.append([t.detach().cpu() for t in (y, xin.grad, module.bias.grad)])
-    for name, u, v in zip(("y", "dx", "d bias"), *results):
-        torch.testing.assert_close(v, u, **CLOSE[torch.bfloat16], msg=name)
+    layer_cuda = NF4Linear.from_linear(dense, double_quant=True).cuda()
+    x, dy = inputs(tokens, 577, torch.bfloat16), inputs(tokens, 193, torch.bfloat16, seed=2)
+    xin = x.cuda().requires_grad_()
+    y = layer_cuda(xin)
+    y.backward(dy.cuda())
+    spec = linear_reference(x, layer.nf4_weight(), dense.bias.detach(), dy)
+    assert_each_within_rule(("y", "dx", "d bias"), (y.detach(), xin.grad, layer_cuda.bias.grad), spec,
+                            torch.bfloat16, "cuda", f"layer T={tokens}")
 
 
 def test_runs_on_the_current_stream():
@@ -238,8 +247,9 @@ def test_rejects_mismatched_devices():
 @pytest.mark.slow
 def test_weight_past_2_pow_31_elements():
     """W [65537, 32768] (2^31 + 2^15 elements, 1 GiB packed): the rows past
-    element 2^31 give what the same rows give as a weight of their own on the
-    CPU, on the fused path (1 token) and the tiled one (17), forward and backward."""
+    element 2^31 are within the rule against those rows as a weight of their own
+    (decoded on the CPU), on the fused path (1 token) and the tiled one (17),
+    forward and backward."""
     rows, cols, tail = 65537, 32768, 65536  # rows [65536, 65537) lie past 2^31
     w = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
     packed, absmax = ops.nf4_quantize(w, 64)
@@ -250,9 +260,11 @@ def test_weight_past_2_pow_31_elements():
                       tail_rows.shape, torch.bfloat16, 64)
     for tokens in (1, 17):
         x = inputs(tokens, cols, torch.bfloat16)
-        y = linear(x.cuda(), big)[:, tail:].cpu()
-        torch.testing.assert_close(y, linear(x, small), **CLOSE[torch.bfloat16])
+        y = linear(x.cuda(), big)[:, tail:]
+        assert_each_within_rule(("y",), (y,), linear_reference(x, small), torch.bfloat16, "cuda",
+                                f"rows past 2^31, T={tokens}")
         dy = torch.zeros(tokens, rows, dtype=torch.bfloat16)
         dy[:, tail:] = inputs(tokens, rows - tail, torch.bfloat16, seed=2)
-        dx = grad_input(dy.cuda(), big).cpu()
-        torch.testing.assert_close(dx, grad_input(dy[:, tail:].contiguous(), small), **CLOSE[torch.bfloat16])
+        dx = grad_input(dy.cuda(), big)
+        assert_each_within_rule(("dx",), (dx,), grad_input_reference(dy[:, tail:], small),
+                                torch.bfloat16, "cuda", f"rows past 2^31, T={tokens}")

@@ -10,7 +10,7 @@ from torch import nn
 from pykernels import NF4Tensor, ops, reference
 from pykernels.nn import NF4Linear, QLoRALinear
 
-from helpers import assert_rule, peak_memory_growth
+from helpers import assert_each_within_rule, assert_rule, peak_memory_growth
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (leading dims, in, out, r): 1 and 3 tokens run the fused NF4 kernels, 40 and
@@ -43,20 +43,23 @@ def ours(nf4, bias, scale, p=0.0, seed=0):
         nf4.absmax_code, nf4.absmax_offset, a, b, scale, p, seed)
 
 
-def check_against_reference(lead, n_in, n_out, r, dtype, double_quant, p=0.0, scale=1.5):
+def check_against_reference(lead, n_in, n_out, r, dtype, double_quant, p=0.0, scale=1.5,
+                            device="cpu"):
+    """The op on ``device`` against reference.lora_linear over the decoded W by the
+    tolerance rule, forward and every gradient (tests/test_qlora_cuda.py runs it
+    with device="cuda")."""
     nf4, bias, x, a, b, dy = make_case(lead, n_in, n_out, r, dtype, double_quant)
     mask = ops.lora_dropout_mask(x.shape, p, 11) if p > 0 else None
-    got = run(ours(nf4, bias, scale, p, 11), x, a, b, dy)
+    got = run(ours(nf4.to(device), bias.to(device), scale, p, 11), *(t.to(device) for t in (x, a, b, dy)))
 
-    def ref_in(dt):
-        w = nf4.dequantize(torch.float32).to(dt)
-        fn = lambda x_, a_, b_: reference.lora_linear(x_, w, bias.to(dt), a_, b_, scale, mask)
-        return run(fn, x.to(dt), a.to(dt), b.to(dt), dy.to(dt))
+    def ref_in(dt, dev):
+        w = nf4.dequantize(torch.float32).to(dev, dt)
+        m = None if mask is None else mask.to(dev)
+        fn = lambda x_, a_, b_: reference.lora_linear(x_, w, bias.to(dev, dt), a_, b_, scale, m)
+        return run(fn, *(t.to(dev, dt) for t in (x, a, b, dy)))
 
-    truth, lowp = ref_in(torch.float64), ref_in(dtype)
-    for name, g, lo, t in zip(("y", "dx", "dA", "dB"), got, lowp, truth):
-        assert g.dtype == dtype and g.shape == t.shape, name
-        assert_rule(g, lo, t, f"{name} {dtype} {lead}x{n_in}->{n_out} r{r} dq={double_quant} p={p}")
+    assert_each_within_rule(("y", "dx", "dA", "dB"), got, ref_in, dtype, device,
+                            f"{dtype} {lead}x{n_in}->{n_out} r{r} dq={double_quant} p={p}")
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
