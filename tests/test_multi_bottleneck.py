@@ -321,7 +321,8 @@ def test_op_bad_input():
     ids = torch.tensor([0, -1, 2])
     call = ops.multi_bottleneck
     with pytest.raises(ValueError, match=r"multi_bottleneck: ids\[1\] = 3 is out of range "
-                                         r"\[-1, 3\) \(adapter indices; -1: no adapter\)"):
+                                         r"\[-1, 3\): adapter indices are in \[0, 3\) \(n_adapters\), or -1 for no "
+                                         "adapter"):
         call(h, *weights, acts, scales, torch.tensor([0, 3, 1]))
     with pytest.raises(TypeError, match="ids must be int64, got Int"):
         call(h, *weights, acts, scales, ids.int())

@@ -115,24 +115,13 @@ std::vector<Adapter> check_adapters(const char* op, const at::Tensor& h, at::Ten
   return adapters;
 }
 
-// Checks ids (int64 [rows] on h's device, each in [-1, n)) and groups the rows.
-// Reads ids on the host: from a GPU it waits for them.
+// Checks ids (check_adapter_ids) and groups the rows by them.
 Groups group_rows(const char* op, const at::Tensor& h, const at::Tensor& ids, int64_t n) {
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, op, ": ids must be int64, got ",
-                   ids.scalar_type());
-  TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == h.size(0), op,
-                    ": ids must be [rows], one adapter index per row of h (h.size(0) = ",
-                    h.size(0), "), got ", ids.sizes());
-  check_same_device(op, h, "h", ids, "ids");
-  const at::Tensor host_ids = ids.cpu().contiguous();
+  const at::Tensor host_ids = check_adapter_ids(op, ids, h, "h", n);
   const int64_t rows = host_ids.numel();
   const int64_t* id = host_ids.const_data_ptr<int64_t>();
-  std::vector<int64_t> shifted(static_cast<size_t>(rows));
-  for (int64_t i = 0; i < rows; ++i) {
-    TORCH_CHECK_VALUE(id[i] >= -1 && id[i] < n, op, ": ids[", i, "] = ", id[i],
-                      " is out of range [-1, ", n, ") (adapter indices; -1: no adapter)");
-    shifted[size_t(i)] = id[i] + 1;
-  }
+  std::vector<int64_t> shifted(id, id + rows);
+  for (int64_t& s : shifted) ++s;
   Groups g;
   g.order.resize(size_t(rows));
   g.offsets.resize(size_t(n + 2));
