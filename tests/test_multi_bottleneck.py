@@ -321,16 +321,16 @@ def test_op_bad_input():
     ids = torch.tensor([0, -1, 2])
     call = ops.multi_bottleneck
     with pytest.raises(ValueError, match=r"multi_bottleneck: ids\[1\] = 3 is out of range "
-                                         r"\[-1, 3\): adapter indices are in \[0, 3\) \(n_adapters\), or -1 for no "
-                                         "adapter"):
+                                         r"\[-1, 3\): adapter indices are in \[0, 3\) "
+                                         r"\(n_adapters\), or -1 for no adapter"):
         call(h, *weights, acts, scales, torch.tensor([0, 3, 1]))
     with pytest.raises(TypeError, match="ids must be int64, got Int"):
         call(h, *weights, acts, scales, ids.int())
     with pytest.raises(ValueError, match=r"ids must be \[rows\], one adapter index per row of h "
                                          r"\(h.size\(0\) = 3\), got \[2\]"):
         call(h, *weights, acts, scales, ids[:2])
-    with pytest.raises(ValueError, match=r"w_up must hold one entry per adapter \(3, as w_down\), "
-                                         "got 2"):
+    with pytest.raises(ValueError,
+                       match=r"w_up must hold one entry per adapter \(3, as w_down\), got 2"):
         call(h, weights[0], weights[1], weights[2][:2], weights[3], acts, scales, ids)
     with pytest.raises(ValueError, match=r"scales must hold one entry per adapter"):
         call(h, *weights, acts, scales[:1], ids)

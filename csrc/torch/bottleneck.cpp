@@ -343,7 +343,8 @@ bottleneck_adapter_backward(const at::Tensor& grad_out, const at::Tensor& h, con
 
   at::Tensor grad_h = need_grad_h ? at::empty({leading_rows(h), d}, h.options()) : at::Tensor();
   const Grads grads = backward_rows(
-      kernels_for(h), Adapter{w_down.detach(), at::Tensor(), w_up.detach(), at::Tensor(), act, scale},
+      kernels_for(h),
+      Adapter{w_down.detach(), at::Tensor(), w_up.detach(), at::Tensor(), act, scale},
       grad_out.detach().reshape({-1, d}).contiguous(), h.detach().reshape({-1, d}).contiguous(),
       pre.detach().reshape({-1, m}).contiguous(), grad_h, add_grad_out);
   std::optional<at::Tensor> maybe_grad_h;

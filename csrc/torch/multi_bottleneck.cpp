@@ -108,8 +108,10 @@ std::vector<Adapter> check_adapters(const char* op, const at::Tensor& h, at::Ten
     const int64_t m = bottleneck::check_weights(op, h, w_down[a], w_up[a], names);
     if (b_down) bottleneck::check_biases(op, h, (*b_down)[a], (*b_up)[a], m, names);
     const std::string act_arg = "acts[" + std::to_string(a) + "]";
-    adapters.push_back({w_down[a].detach(), b_down ? (*b_down)[a].detach().contiguous() : at::Tensor(),
-                        w_up[a].detach(), b_up ? (*b_up)[a].detach().contiguous() : at::Tensor(),
+    const auto bias = [&](const std::optional<at::TensorList>& list) {
+      return list ? (*list)[a].detach().contiguous() : at::Tensor();
+    };
+    adapters.push_back({w_down[a].detach(), bias(b_down), w_up[a].detach(), bias(b_up),
                         bottleneck::parse_act(op, acts.get(size_t(a)), act_arg), scales[a]});
   }
   return adapters;
@@ -197,8 +199,9 @@ std::tuple<at::Tensor, at::Tensor> multi_bottleneck(
       p = p_slot.is_contiguous() ? p_slot : at::empty(p_slot.sizes(), p_slot.options());
     }
     const at::Tensor hb = rows.take(h3);
-    bottleneck::forward_rows(k, adapter, flat(hb), residual.has_value() ? flat(rows.take(r3)) : flat(hb),
-                             flat(o), save_pre ? flat(p) : at::Tensor());
+    const at::Tensor rb = residual.has_value() ? rows.take(r3) : hb;
+    bottleneck::forward_rows(k, adapter, flat(hb), flat(rb), flat(o),
+                             save_pre ? flat(p) : at::Tensor());
     rows.put(out3, o);
     if (save_pre) {
       if (!p.is_same(p_slot)) p_slot.copy_(p);

@@ -1,8 +1,8 @@
 """Many bottleneck adapters at one site, each batch row picking its own (punica's
 SGMV semantics over ops.bottleneck_adapter), as a typed function, fakes and autograd.
 
-    out[i] = residual[i] + s_a·(act_a(h[i]·w_down[a]ᵀ + b_down[a])·w_up[a]ᵀ + b_up[a]),  a = ids[i]
-    out[i] = residual[i]                                                    where ids[i] = -1
+    out[i] = residual[i] + s_a·(act_a(h[i]·w_down[a]ᵀ + b_down[a])·w_up[a]ᵀ + b_up[a])
+    out[i] = residual[i]   where a = ids[i] is -1
 
 for batch row i of h [rows, ..., d] (all its tokens share the id). The adapters
 come as lists (one entry per adapter, nn.Linear layouts: w_down [m_a, d], w_up
