@@ -6,12 +6,13 @@ through one adapter, on the Llama-7B-shaped block of bench_bottleneck.
   of 8 rows x 64 tokens (--quick: hidden 256, 8 rows x 8 tokens). 8 named
   adapters of reduction 16 (m = 256), relu, after the FFN, put in by
   add_bottleneck_adapters(name=...), up weights random so each one matters.
-- Sides: the block alone; one adapter for every row (set_adapter: one fused
-  call); 8 adapters, rows in a shuffled order (ids: 8 groups of one row each,
-  8 fused calls); the rows alternating between 2 adapters (2 groups of 4 rows,
-  gathered and scattered: index_select / index_copy_); the peer: the plain
-  per-row loop a user writes (each row through its adapter as nn.Linear
-  layers, torch.cat).
+- Sides: the block alone; one adapter for every row (ids all 0: one
+  consecutive group); 8 adapters, rows in a shuffled order (ids: 8 groups of
+  one row each); the rows alternating between 2 adapters (2 groups of 4 rows,
+  gathered and scattered: index_select / index_copy_); each of these one
+  ops.multi_bottleneck call, which groups the rows natively and runs the fused
+  pipeline per group; the peer: the plain per-row loop a user writes (each row
+  through its adapter as nn.Linear layers, torch.cat).
 - Ratios: mixed 8 / one adapter, for the whole block and for the adapter
   alone (the grouping's own cost, which the block hides), and the peer / ours.
   For scale: the bytes the adapter alone moves (weights + h in + out), 8 mixed
@@ -19,10 +20,13 @@ through one adapter, on the Llama-7B-shaped block of bench_bottleneck.
   flops are the same), so a bandwidth-bound adapter pays about this ratio
   (less while one adapter's weights stay in cache, as in a timing loop).
 
-Measured here (2 shared cores, load ~7, --threads 1, min of calls): the block
-with 8 mixed adapters / with 1: 1.05; the adapter alone, 8 mixed / 1: 3.05
-(bytes ratio 3.33); 2 alternating, gathered / 1: 2.26; the plain per-row loop
-/ ours: 1.07 (adapter alone).
+Measured here (2 shared cores, load 2.6-3.1, --threads 1, thread CPU time,
+min of calls), one op call per forward: the block with 8 mixed adapters / with
+1: 0.97 (median 1.03: the adapter is ~3% of the block); the adapter alone, 8
+mixed / 1: 2.44 (6.10 / 2.50 ms; bytes ratio 3.33); 2 alternating, gathered
+/ 1: 1.76; the plain per-row loop / ours: 1.26 (adapter alone). The Python
+per-group loop it replaced, timed by this script in the same session: 8 mixed
+/ 1: 2.64 (6.95 / 2.64 ms), plain loop / it: 0.92.
 
 Timing: common.measure (interleaved, median and min), thread CPU time with
 --threads 1. Outputs are checked against the per-row plain adapters first.

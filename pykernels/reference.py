@@ -181,6 +181,23 @@ def bottleneck_adapter(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tens
     z = acts[act](torch.nn.functional.linear(h, w_down, b_down))
     return (h if residual is None else residual) + torch.nn.functional.linear(z, w_up, b_up) * scale
 
+
+def multi_bottleneck(h: torch.Tensor, w_down, b_down, w_up, b_up, acts, scales, ids,
+                     residual=None) -> torch.Tensor:
+    """bottleneck_adapter per batch row of h [rows, ..., d] with adapter ids[i]'s
+    weights (lists, one entry per adapter), a plain loop over the adapters in the
+    inputs' dtype; ids -1 leave the row at the residual (h when None).
+    Differentiable by autograd (an adapter no row picked gets no gradient)."""
+    base = h if residual is None else residual
+    out = base.clone()
+    for a in range(len(w_down)):
+        rows = (ids == a).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        out[rows] = bottleneck_adapter(h[rows], w_down[a], b_down[a], w_up[a], b_up[a], acts[a],
+                                       scales[a], base[rows])
+    return out
+
 # ---- IA³ (pykernels/ops/ia3.py) ----
 
 def ia3_scale(v: torch.Tensor, l: torch.Tensor, bias=None) -> torch.Tensor:

@@ -1,8 +1,11 @@
-"""Many bottleneck adapters at one site, each batch row picking its own
-(MultiBottleneckAdapter, add_bottleneck_adapters(name=...)): a mixed batch
-against each row run alone and against the plain-PyTorch reference (forward
-and gradients, fp32 and bf16 by the tolerance rule), -1 rows, task isolation,
-one set_adapter_ids for a model holding multi-LoRA and multi-bottleneck layers,
+"""Many bottleneck adapters at one site, each batch row picking its own: the op
+(ops.multi_bottleneck) against the plain-PyTorch reference (forward and every
+gradient, fp32 / bf16 / fp16 by the tolerance rule) over heterogeneous adapters,
+-1 rows, one adapter for all rows, empty batches; float64 gradcheck; opcheck;
+None gradients for adapters no row picked; bad input; CUDA against the CPU. The
+layer (MultiBottleneckAdapter, add_bottleneck_adapters(name=...)): a mixed batch
+against each row run alone and the reference, task isolation, one
+set_adapter_ids for a model holding multi-LoRA and multi-bottleneck layers,
 torch.compile, insertion and removal of named adapters, bad ids."""
 import math
 
@@ -10,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from pykernels import reference
+from pykernels import ops, reference
 from pykernels.nn import (AdaptedModule, MultiBottleneckAdapter, MultiLoRALinear, RowAdapterLayer,
                           adapter_ids, add_bottleneck_adapters, remove_bottleneck_adapters,
                           set_adapter_ids)
@@ -158,8 +161,220 @@ def test_compile_fullgraph():
     layer(h, r, adapter_ids=ids).sum().backward()
     for g, p in zip(grads, layer.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError, match=r"adapter ids out of range \[-1, 3\)"):
+    with pytest.raises(ValueError, match=r"ids\[2\] = 3 is out of range \[-1, 3\)"):
         compiled(h, r, adapter_ids=torch.tensor([0, 1, 3, 0, 0, 0, 0]))
+
+
+# ---- the op ----
+
+def adapter_lists(dtype, device="cpu", d=D, specs=SPECS.values(), seed=2):
+    """[w_down], [b_down], [w_up], [b_up], [act], [scale] of heterogeneous adapters."""
+    g = torch.Generator().manual_seed(seed)
+    lists = ([], [], [], [])
+    for m, _, _ in specs:
+        for lst, shape in zip(lists, ((m, d), (m,), (d, m), (d,))):
+            lst.append((torch.randn(shape, generator=g) / math.sqrt(shape[-1])).to(device, dtype))
+    return (*lists, [act for _, act, _ in specs], [scale for _, _, scale in specs])
+
+
+def run_op(fn, h, residual, weights, dy):
+    """fn(h, residual, *weights) and its gradients: (out, dh, dr, [dw per weight list])."""
+    h = h.detach().clone().requires_grad_()
+    residual = None if residual is None else residual.detach().clone().requires_grad_()
+    weights = [[w.detach().clone().requires_grad_() for w in ws] for ws in weights]
+    out = fn(h, residual, *weights)
+    out.backward(dy)
+    return (out.detach(), h.grad, None if residual is None else residual.grad,
+            [[w.grad for w in ws] for ws in weights])
+
+
+def op_fn(impl, acts, scales, ids):
+    return lambda h, r, *w: impl(h, *w, acts, scales, ids, residual=r)
+
+
+ID_CASES = {"mixed": IDS, "one adapter": [1] * 7, "none": [-1] * 7,
+            "scattered": [0, 2, 0, 2, 0, 2, 0]}  # adapter 1 unpicked, groups not consecutive
+
+
+@pytest.mark.parametrize("ids", ID_CASES.values(), ids=ID_CASES.keys())
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_op_matches_reference(dtype, parallel, ids):
+    h, r, dy = inputs(dtype, parallel)
+    *weights, acts, scales = adapter_lists(dtype)
+    ids_t = torch.tensor(ids)
+    ours = run_op(op_fn(ops.multi_bottleneck, acts, scales, ids_t), h, r, weights, dy)
+
+    def ref(dt):
+        return run_op(op_fn(reference.multi_bottleneck, acts, scales, ids_t), h.to(dt),
+                      None if r is None else r.to(dt), [[w.to(dt) for w in ws] for ws in weights],
+                      dy.to(dt))
+
+    truth, lowp = ref(torch.float64), ref(dtype)
+    for name, got, lo, want in zip(("out", "dh", "dr"), ours, lowp, truth):
+        if want is None:  # the reference's graph leaves out an h no row reads
+            assert got is None or not got.any(), name
+        else:
+            assert got.dtype == dtype and got.shape == want.shape, name
+            assert_rule(got, lo, want, f"{name} {dtype}")
+    for list_name, gots, los, wants in zip(("w_down", "b_down", "w_up", "b_up"), *(
+            t[3] for t in (ours, lowp, truth))):
+        for a, (got, lo, want) in enumerate(zip(gots, los, wants)):
+            if a not in ids:  # no row picked it: no gradient, as the reference
+                assert got is None and want is None, f"{list_name}[{a}]"
+            else:
+                assert_rule(got, lo, want, f"d{list_name}[{a}] {dtype}")
+
+
+def test_one_adapter_for_every_row_is_bottleneck_adapter():
+    """Every row on one adapter: one consecutive group, bottleneck_adapter's bits."""
+    h, r, dy = inputs(torch.bfloat16, True)
+    *weights, acts, scales = adapter_lists(torch.bfloat16)
+    ids = torch.full((len(IDS),), 2)
+    ours = run_op(op_fn(ops.multi_bottleneck, acts, scales, ids), h, r, weights, dy)
+    single = run_op(lambda h, r, *w: ops.bottleneck_adapter(h, *(ws[2] for ws in w), acts[2],
+                                                             scales[2], r), h, r, weights, dy)
+    for got, want in zip(ours[:3], single[:3]):
+        assert torch.equal(got, want)
+    for ws, want in zip(ours[3], single[3]):
+        assert torch.equal(ws[2], want[2]) and ws[0] is None and ws[1] is None
+
+
+def test_noncontiguous_and_more_leading_dims():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(4, 3, 2, D, generator=g).transpose(1, 2)
+    r = torch.randn(4, 2, 3, 2 * D, generator=g)[..., :D]
+    *weights, acts, scales = adapter_lists(torch.float32)
+    ids = torch.tensor([2, 0, -1, 2])
+    assert not h.is_contiguous() and not r.is_contiguous()
+    got = ops.multi_bottleneck(h, *weights, acts, scales, ids, r)
+    assert torch.equal(got, ops.multi_bottleneck(h.contiguous(), *weights, acts, scales, ids,
+                                                 r.contiguous()))
+    torch.testing.assert_close(got, reference.multi_bottleneck(h, *weights, acts, scales, ids, r),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch():
+    *weights, acts, scales = adapter_lists(torch.float32)
+    h = torch.randn(0, 5, D, requires_grad=True)
+    weights = [[w.requires_grad_() for w in ws] for ws in weights]
+    out = ops.multi_bottleneck(h, *weights, acts, scales, torch.zeros(0, dtype=torch.int64))
+    assert out.shape == (0, 5, D)
+    out.sum().backward()
+    assert h.grad.shape == h.shape
+    assert all(w.grad is None for ws in weights for w in ws)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(6)
+    specs = [(2, "relu", 1.0), (3, "gelu", 0.5), (1, "silu", 2.0)]
+    *weights, acts, scales = adapter_lists(torch.float64, d=5, specs=specs)
+    flat = [w.requires_grad_() for ws in weights for w in ws]
+    ids = torch.tensor([2, -1, 0, 2])
+
+    def fn(h, r, *ws):
+        lists = [list(ws[i * 3:i * 3 + 3]) for i in range(4)]
+        return ops.multi_bottleneck(h, *lists, acts, scales, ids, r)
+
+    h = torch.randn(4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    # adapter 1 is unpicked: its None gradients read as zeros
+    torch.autograd.gradcheck(fn, (h, r, *flat))
+    torch.autograd.gradcheck(lambda h, *ws: fn(h, None, *ws), (h, *flat))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_opcheck(dtype):
+    h, r, dy = inputs(dtype, True)
+    *weights, acts, scales = adapter_lists(dtype)
+    h.requires_grad_()
+    for ws in weights:
+        for w in ws:
+            w.requires_grad_()
+    ids = torch.tensor(IDS)
+    for residual in (r, None):
+        torch.library.opcheck(torch.ops.pykernels.multi_bottleneck.default,
+                              (h, residual, *weights, scales, acts, ids, True))
+    _, pre = torch.ops.pykernels.multi_bottleneck(h, r, *weights, scales, acts, ids, True)
+    detached = [[w.detach() for w in ws] for ws in weights]
+    torch.library.opcheck(torch.ops.pykernels.multi_bottleneck_backward.default,
+                          (dy, h.detach(), pre.detach(), detached[0], detached[2], scales, acts,
+                           ids, True, True))
+
+
+def test_pre_holds_each_rows_pre_activation():
+    h, _, _ = inputs(torch.float32, False)
+    *weights, acts, scales = adapter_lists(torch.float32)
+    _, pre = torch.ops.pykernels.multi_bottleneck(h, None, *weights, scales, acts,
+                                                  torch.tensor(IDS), True)
+    assert pre.shape == (len(IDS), 5, 9)
+    for i, a in enumerate(IDS):
+        m = 0 if a < 0 else weights[0][a].shape[0]
+        if m:
+            torch.testing.assert_close(pre[i, :, :m], torch.nn.functional.linear(
+                h[i], weights[0][a], weights[1][a]), rtol=1e-5, atol=1e-5)
+        assert not pre[i, :, m:].any()
+
+
+def test_op_bad_input():
+    h = torch.randn(3, 2, D)
+    *weights, acts, scales = adapter_lists(torch.float32)
+    ids = torch.tensor([0, -1, 2])
+    call = ops.multi_bottleneck
+    with pytest.raises(ValueError, match=r"multi_bottleneck: ids\[1\] = 3 is out of range "
+                                         r"\[-1, 3\): adapter indices are in \[0, 3\) "
+                                         r"\(n_adapters\), or -1 for no adapter"):
+        call(h, *weights, acts, scales, torch.tensor([0, 3, 1]))
+    with pytest.raises(TypeError, match="ids must be int64, got Int"):
+        call(h, *weights, acts, scales, ids.int())
+    with pytest.raises(ValueError, match=r"ids must be \[rows\], one adapter index per row of h "
+                                         r"\(h.size\(0\) = 3\), got \[2\]"):
+        call(h, *weights, acts, scales, ids[:2])
+    with pytest.raises(ValueError,
+                       match=r"w_up must hold one entry per adapter \(3, as w_down\), got 2"):
+        call(h, weights[0], weights[1], weights[2][:2], weights[3], acts, scales, ids)
+    with pytest.raises(ValueError, match=r"scales must hold one entry per adapter"):
+        call(h, *weights, acts, scales[:1], ids)
+    with pytest.raises(ValueError, match=r"acts\[1\] must be 'relu', 'gelu' or 'silu', got 'tanh'"):
+        call(h, *weights, ["relu", "tanh", "silu"], scales, ids)
+    with pytest.raises(TypeError, match=r"w_down\[2\] must have h's dtype Float, got BFloat16"):
+        call(h, weights[0][:2] + [weights[0][2].bfloat16()], *weights[1:], acts, scales, ids)
+    with pytest.raises(ValueError, match=r"w_up\[1\] must be \[d, bottleneck_dim\] = \[40, 3\]"):
+        call(h, weights[0], weights[1], [weights[2][0], weights[2][0], weights[2][2]],
+             weights[3], acts, scales, ids)
+    with pytest.raises(ValueError, match=r"b_down\[0\] must be \[6\]"):
+        call(h, weights[0], [weights[1][1]] * 3, *weights[2:], acts, scales, ids)
+    with pytest.raises(ValueError, match="residual must have h's shape"):
+        call(h, *weights, acts, scales, ids, h[:, :1])
+    with pytest.raises(ValueError, match=r"h must have at least 2 dimensions"):
+        call(h[0, 0], *weights, acts, scales, ids[:1])
+    with pytest.raises(TypeError, match="h must be float32, float16, bfloat16 or float64"):
+        call(h.int(), *weights, acts, scales, ids)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("ids", ID_CASES.values(), ids=ID_CASES.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_matches_cpu(dtype, ids):
+    """CUDA against the CPU (itself checked against the reference above) by the
+    tolerance rule, the float64 reference the truth, forward and every gradient."""
+    h, r, dy = inputs(dtype, True)
+    *weights, acts, scales = adapter_lists(dtype)
+    ids_t = torch.tensor(ids)
+    cpu = run_op(op_fn(ops.multi_bottleneck, acts, scales, ids_t), h, r, weights, dy)
+    cuda = run_op(op_fn(ops.multi_bottleneck, acts, scales, ids_t.cuda()), h.cuda(), r.cuda(),
+                  [[w.cuda() for w in ws] for ws in weights], dy.cuda())
+    truth = run_op(op_fn(reference.multi_bottleneck, acts, scales, ids_t), h.double(), r.double(),
+                   [[w.double() for w in ws] for ws in weights], dy.double())
+    for name, got, lo, want in zip(("out", "dh", "dr"), cuda, cpu, truth):
+        assert got.device.type == "cuda"
+        assert_rule(got.cpu(), lo, want, f"{name} {dtype}")
+    for gots, los, wants in zip(cuda[3], cpu[3], truth[3]):
+        for a, (got, lo, want) in enumerate(zip(gots, los, wants)):
+            if a not in ids:
+                assert got is None and lo is None
+            else:
+                assert_rule(got.cpu(), lo, want, f"grad {a} {dtype}")
 
 
 # ---- a model: named insertion, one set_adapter_ids for LoRA and bottleneck layers ----
@@ -276,5 +491,5 @@ def test_bad_ids():
         layer.set_adapter("zz")
     with pytest.raises(ValueError, match="exists already"):
         layer.add_adapter("t0")
-    with pytest.raises(TypeError, match="w_down must have h's dtype"):
+    with pytest.raises(TypeError, match=r"w_down\[0\] must have h's dtype"):
         layer(h.bfloat16(), adapter_ids=torch.tensor([0, -1, 1]))

@@ -25,7 +25,8 @@
 // a = act(pre) (kernel), then four products and two column sums.
 //
 // float64 (gradcheck) and devices without kernels run the same steps with ATen
-// ops (kCompositeKernels).
+// ops (kCompositeKernels). The steps over one block of rows (forward_rows,
+// backward_rows) serve multi_bottleneck too, once per adapter's group of rows.
 #include "bottleneck_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -159,8 +160,6 @@ void aten_column_sum(const at::Tensor& x, const at::Tensor& out) {
   out.copy_(at::sum(x, {0}, false, out.scalar_type()));
 }
 
-namespace {
-
 const Kernels& kernels_for(const at::Tensor& t) {
   const auto type = t.scalar_type();
   if (type == at::kFloat || type == at::kHalf || type == at::kBFloat16) {
@@ -172,48 +171,83 @@ const Kernels& kernels_for(const at::Tensor& t) {
   return kCompositeKernels;
 }
 
+// ---- one adapter over a block of rows ----
+
+void forward_rows(const Kernels& k, const Adapter& a, const at::Tensor& h, const at::Tensor& r,
+                  const at::Tensor& out, const at::Tensor& pre) {
+  const int64_t rows = h.size(0), m = a.w_down.size(0);
+  if (rows == 0) return;
+  const at::Tensor wdt = a.w_down.t(), wut = a.w_up.t();
+  const int64_t tile = k.tile_bytes > 0
+                           ? std::max<int64_t>(64, k.tile_bytes / (m * h.element_size()))
+                           : rows;
+  at::Tensor z_buf = at::empty({std::min(tile, rows), m}, h.options());
+  for (int64_t t0 = 0; t0 < rows; t0 += tile) {
+    const int64_t n = std::min(tile, rows - t0);
+    at::Tensor z = z_buf.narrow(0, 0, n), o = out.narrow(0, t0, n);
+    // b_down added by the product, as nn.Linear does: one rounding of h·W_downᵀ + b,
+    // so relu's mask is nn.Linear's (a second rounding flips signs near zero).
+    at::addmm_out(z, a.b_down, h.narrow(0, t0, n), wdt);
+    k.activate(a.act, z, pre.defined() ? pre.narrow(0, t0, n) : at::Tensor());
+    at::mm_out(o, z, wut);
+    k.epilogue(o, a.b_up, r.narrow(0, t0, n), a.scale, o);
+  }
+}
+
+Grads backward_rows(const Kernels& k, const Adapter& a, const at::Tensor& g, const at::Tensor& h,
+                    const at::Tensor& pre, const at::Tensor& grad_h, bool add_grad_out) {
+  const int64_t d = h.size(1), m = a.w_down.size(0);
+  at::Tensor dz = at::mm(g, a.w_up);
+  at::Tensor activated = at::empty(dz.sizes(), dz.options());
+  k.act_backward(a.act, pre, dz, a.scale, activated);
+  Grads grads;
+  // beta = 0: the uninitialized input is never read.
+  grads.w_up = at::addmm(at::empty({d, m}, h.options()), g.t(), activated, 0.0, a.scale);
+  // dz^T contiguous first: oneDNN's product with the transposed view took 2.5 ms,
+  // the copy and product 1.5 ms (bf16, T = 512, one thread).
+  grads.w_down = at::mm(dz.t().contiguous(), h);
+  // Column sums in fp32 (float64 stays float64), rounded once.
+  const auto sum_options =
+      h.options().dtype(h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor sum_up = at::empty({d}, sum_options), sum_down = at::empty({m}, sum_options);
+  k.column_sum(g, sum_up);
+  k.column_sum(dz, sum_down);
+  grads.b_up = sum_up.mul_(a.scale).to(h.scalar_type());
+  grads.b_down = sum_down.to(h.scalar_type());
+  // The residual's gradient added by the product (beta = 1): no pass of its own.
+  if (grad_h.defined()) {
+    at::Tensor dh = grad_h;  // the out= variants take a mutable handle
+    if (add_grad_out) at::addmm_out(dh, g, dz, a.w_down);
+    else at::mm_out(dh, dz, a.w_down);
+  }
+  return grads;
+}
+
 // ---- argument checks ----
 
-Act parse_act(const char* op, std::string_view name) {
+Act parse_act(const char* op, std::string_view name, std::string_view arg) {
   if (name == "relu") return Act::ReLU;
   if (name == "gelu") return Act::GELU;
   if (name == "silu") return Act::SiLU;
-  TORCH_CHECK_VALUE(false, op, ": act must be 'relu', 'gelu' or 'silu', got '", std::string(name),
-                    "'");
+  TORCH_CHECK_VALUE(false, op, ": ", arg, " must be 'relu', 'gelu' or 'silu', got '",
+                    std::string(name), "'");
   return Act::ReLU;
 }
 
-void check_like(const char* op, const at::Tensor& h, const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == h.scalar_type(), op, ": ", name, " must have h's dtype ",
-                   h.scalar_type(), ", got ", t.scalar_type());
-  check_same_device(op, h, "h", t, name);
-}
-
-// h [..., d], w_down [m, d], w_up [d, m] of one dtype and device; returns m.
-int64_t check_weights(const char* op, const at::Tensor& h, const at::Tensor& w_down,
-                      const at::Tensor& w_up) {
-  TORCH_CHECK_VALUE(h.dim() >= 1, op, ": h must have at least one dimension");
+void check_h(const char* op, const at::Tensor& h, int64_t min_dims) {
+  TORCH_CHECK_VALUE(h.dim() >= min_dims, op, ": h must have at least ", min_dims,
+                    min_dims == 1 ? " dimension" : " dimensions", ", got ", h.sizes());
   const auto type = h.scalar_type();
   TORCH_CHECK_TYPE(type == at::kFloat || type == at::kHalf || type == at::kBFloat16 ||
                        type == at::kDouble,
                    op, ": h must be float32, float16, bfloat16 or float64, got ", type);
-  const int64_t d = h.size(-1);
-  TORCH_CHECK_VALUE(w_down.dim() == 2 && w_down.size(1) == d && w_down.size(0) >= 1, op,
-                    ": w_down must be [bottleneck_dim, d] = [m, ", d,
-                    "] (d: h's last dimension) with m >= 1, got ", w_down.sizes());
-  const int64_t m = w_down.size(0);
-  TORCH_CHECK_VALUE(w_up.dim() == 2 && w_up.size(0) == d && w_up.size(1) == m, op,
-                    ": w_up must be [d, bottleneck_dim] = [", d, ", ", m, "], got ", w_up.sizes());
-  check_like(op, h, w_down, "w_down");
-  check_like(op, h, w_up, "w_up");
-  return m;
 }
 
-void check_vector(const char* op, const at::Tensor& h, const at::Tensor& t, const char* name,
-                  int64_t n, const char* what) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must be [", n, "] (", what,
-                    "), got ", t.sizes());
-  check_like(op, h, t, name);
+void check_like(const char* op, const at::Tensor& h, const at::Tensor& t, std::string_view name) {
+  const std::string arg(name);
+  TORCH_CHECK_TYPE(t.scalar_type() == h.scalar_type(), op, ": ", arg, " must have h's dtype ",
+                   h.scalar_type(), ", got ", t.scalar_type());
+  check_same_device(op, h, "h", t, arg.c_str());
 }
 
 void check_same_shape(const char* op, const at::Tensor& t, const char* name,
@@ -222,7 +256,44 @@ void check_same_shape(const char* op, const at::Tensor& t, const char* name,
                     expected, ", got ", t.sizes());
 }
 
+AdapterNames AdapterNames::of(int64_t index) {
+  const std::string i = index < 0 ? "" : "[" + std::to_string(index) + "]";
+  return {"w_down" + i, "b_down" + i, "w_up" + i, "b_up" + i};
+}
+
+int64_t check_weights(const char* op, const at::Tensor& h, const at::Tensor& w_down,
+                      const at::Tensor& w_up, const AdapterNames& names) {
+  const int64_t d = h.size(-1);
+  TORCH_CHECK_VALUE(w_down.dim() == 2 && w_down.size(1) == d && w_down.size(0) >= 1, op, ": ",
+                    names.w_down, " must be [bottleneck_dim, d] = [m, ", d,
+                    "] (d: h's last dimension) with m >= 1, got ", w_down.sizes());
+  const int64_t m = w_down.size(0);
+  TORCH_CHECK_VALUE(w_up.dim() == 2 && w_up.size(0) == d && w_up.size(1) == m, op, ": ",
+                    names.w_up, " must be [d, bottleneck_dim] = [", d, ", ", m, "], got ",
+                    w_up.sizes());
+  check_like(op, h, w_down, names.w_down);
+  check_like(op, h, w_up, names.w_up);
+  return m;
+}
+
+namespace {
+
+void check_vector(const char* op, const at::Tensor& h, const at::Tensor& t,
+                  const std::string& name, int64_t n, const char* what) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must be [", n, "] (", what,
+                    "), got ", t.sizes());
+  check_like(op, h, t, name);
+}
+
 }  // namespace
+
+void check_biases(const char* op, const at::Tensor& h, const at::Tensor& b_down,
+                  const at::Tensor& b_up, int64_t m, const AdapterNames& names) {
+  check_vector(op, h, b_down, names.b_down, m, "bottleneck_dim");
+  check_vector(op, h, b_up, names.b_up, h.size(-1), "d");
+}
+
+// ---- the ops ----
 
 std::tuple<at::Tensor, at::Tensor> bottleneck_adapter(
     const at::Tensor& h, const std::optional<at::Tensor>& residual, const at::Tensor& w_down,
@@ -230,10 +301,11 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter(
     c10::string_view act_name, double scale, bool save_pre) {
   constexpr const char* op = "bottleneck_adapter";
   const Act act = parse_act(op, act_name);
-  const int64_t m = check_weights(op, h, w_down, w_up);
+  check_h(op, h, 1);
+  const AdapterNames names = AdapterNames::of(-1);
+  const int64_t m = check_weights(op, h, w_down, w_up, names);
   const int64_t d = h.size(-1);
-  check_vector(op, h, b_down, "b_down", m, "bottleneck_dim");
-  check_vector(op, h, b_up, "b_up", d, "d");
+  check_biases(op, h, b_down, b_up, m, names);
   if (residual.has_value()) {
     check_same_shape(op, *residual, "residual", h.sizes(), "h");
     check_like(op, h, *residual, "residual");
@@ -246,25 +318,11 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter(
   const at::Tensor r2d =
       residual.has_value() ? residual->detach().reshape({-1, d}).contiguous() : h2d;
   const int64_t rows = h2d.size(0);
-  const Kernels& k = kernels_for(h);
-  const at::Tensor bd = b_down.detach().contiguous(), bu = b_up.detach().contiguous();
-  const at::Tensor wdt = w_down.detach().t(), wut = w_up.detach().t();
+  const Adapter a{w_down.detach(), b_down.detach().contiguous(), w_up.detach(),
+                  b_up.detach().contiguous(), act, scale};
   at::Tensor out = at::empty({rows, d}, h.options());
   at::Tensor pre = at::empty({save_pre ? rows : 0, m}, h.options());
-  const int64_t tile = k.tile_bytes > 0
-                           ? std::max<int64_t>(64, k.tile_bytes / (m * h.element_size()))
-                           : rows;
-  at::Tensor z_buf = at::empty({std::min(tile, rows), m}, h.options());
-  for (int64_t t0 = 0; t0 < rows; t0 += tile) {
-    const int64_t n = std::min(tile, rows - t0);
-    at::Tensor z = z_buf.narrow(0, 0, n), o = out.narrow(0, t0, n);
-    // b_down added by the product, as nn.Linear does: one rounding of h·W_downᵀ + b,
-    // so relu's mask is nn.Linear's (a second rounding flips signs near zero).
-    at::addmm_out(z, bd, h2d.narrow(0, t0, n), wdt);
-    k.activate(act, z, save_pre ? pre.narrow(0, t0, n) : at::Tensor());
-    at::mm_out(o, z, wut);
-    k.epilogue(o, bu, r2d.narrow(0, t0, n), scale, o);
-  }
+  forward_rows(kernels_for(h), a, h2d, r2d, out, save_pre ? pre : at::Tensor());
   return {out.view(h.sizes()), save_pre ? pre.view(with_last_dim(h, m)) : pre};
 }
 
@@ -275,38 +333,23 @@ bottleneck_adapter_backward(const at::Tensor& grad_out, const at::Tensor& h, con
                             bool add_grad_out) {
   constexpr const char* op = "bottleneck_adapter_backward";
   const Act act = parse_act(op, act_name);
-  const int64_t m = check_weights(op, h, w_down, w_up);
+  check_h(op, h, 1);
+  const int64_t m = check_weights(op, h, w_down, w_up, AdapterNames::of(-1));
   const int64_t d = h.size(-1);
   check_same_shape(op, grad_out, "grad_out", h.sizes(), "h");
   check_like(op, h, grad_out, "grad_out");
   check_same_shape(op, pre, "pre", with_last_dim(h, m), "the bottleneck [..., m]");
   check_like(op, h, pre, "pre");
 
-  const at::Tensor g2d = grad_out.reshape({-1, d}).contiguous();
-  const at::Tensor h2d = h.reshape({-1, d});
-  const at::Tensor pre2d = pre.reshape({-1, m}).contiguous();
-  const Kernels& k = kernels_for(h);
-  at::Tensor dz = at::mm(g2d, w_up);
-  at::Tensor a = at::empty(dz.sizes(), dz.options());
-  k.act_backward(act, pre2d, dz, scale, a);
-  // beta = 0: the uninitialized input is never read.
-  at::Tensor grad_w_up = at::addmm(at::empty({d, m}, h.options()), g2d.t(), a, 0.0, scale);
-  // dz^T contiguous first: oneDNN's product with the transposed view took 2.5 ms,
-  // the copy and product 1.5 ms (bf16, T = 512, one thread).
-  at::Tensor grad_w_down = at::mm(dz.t().contiguous(), h2d);
-  // Column sums in fp32 (float64 stays float64), rounded once.
-  const auto sum_options =
-      h.options().dtype(h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor sum_up = at::empty({d}, sum_options), sum_down = at::empty({m}, sum_options);
-  k.column_sum(g2d, sum_up);
-  k.column_sum(dz, sum_down);
-  at::Tensor grad_b_up = sum_up.mul_(scale).to(h.scalar_type());
-  at::Tensor grad_b_down = sum_down.to(h.scalar_type());
-  std::optional<at::Tensor> grad_h;
-  // The residual's gradient added by the product (beta = 1): no pass of its own.
-  if (need_grad_h)
-    grad_h = (add_grad_out ? at::addmm(g2d, dz, w_down) : at::mm(dz, w_down)).view(h.sizes());
-  return {grad_h, grad_w_down, grad_b_down, grad_w_up, grad_b_up};
+  at::Tensor grad_h = need_grad_h ? at::empty({leading_rows(h), d}, h.options()) : at::Tensor();
+  const Grads grads = backward_rows(
+      kernels_for(h),
+      Adapter{w_down.detach(), at::Tensor(), w_up.detach(), at::Tensor(), act, scale},
+      grad_out.detach().reshape({-1, d}).contiguous(), h.detach().reshape({-1, d}).contiguous(),
+      pre.detach().reshape({-1, m}).contiguous(), grad_h, add_grad_out);
+  std::optional<at::Tensor> maybe_grad_h;
+  if (need_grad_h) maybe_grad_h = grad_h.view(h.sizes());
+  return {maybe_grad_h, grads.w_down, grads.b_down, grads.w_up, grads.b_up};
 }
 
 TORCH_LIBRARY_IMPL(pykernels, CPU, m) {

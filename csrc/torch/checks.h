@@ -108,6 +108,26 @@ inline void check_blockwise8_dequantize(const char* op, const at::Tensor& q,
   check_numel(op, "absmax", absmax, nf4_num_blocks(q.numel(), blocksize), "one per block");
 }
 
+// Per-row adapter ids of the multi-adapter ops: int64 [rows], one per row of x,
+// on x's device, each in [-1, n) (-1: no adapter). Returns them contiguous on
+// the host, where the ops group the rows (from a GPU: one sync).
+inline at::Tensor check_adapter_ids(const char* op, const at::Tensor& ids, const at::Tensor& x,
+                                    const char* x_name, int64_t n) {
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, op, ": ids must be int64, got ",
+                   ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == x.size(0), op,
+                    ": ids must be [rows], one adapter index per row of ", x_name, " (", x_name,
+                    ".size(0) = ", x.size(0), "), got ", ids.sizes());
+  check_same_device(op, x, x_name, ids, "ids");
+  at::Tensor host_ids = ids.cpu().contiguous();
+  const int64_t* id = host_ids.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < host_ids.numel(); ++i)
+    TORCH_CHECK_VALUE(id[i] >= -1 && id[i] < n, op, ": ids[", i, "] = ", id[i],
+                      " is out of range [-1, ", n, "): adapter indices are in [0, ", n,
+                      ") (n_adapters), or -1 for no adapter");
+  return host_ids;
+}
+
 // Rows of a flattened [..., features] tensor.
 inline int64_t leading_rows(const at::Tensor& t) {
   int64_t rows = 1;

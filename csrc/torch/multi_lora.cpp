@@ -126,18 +126,7 @@ Dropout check_inputs(const at::Tensor& x, const at::Tensor& lora_A, const at::Te
                     ": scales must be [n_adapters] = [", n, "], got ", scales.sizes());
   check_dtype(kOp, "scales", scales, at::kFloat);
   check_same_device(kOp, x, "x", scales, "scales");
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, kOp, ": ids must be int64, got ",
-                   ids.scalar_type());
-  TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == x.size(0), kOp,
-                    ": ids must be [rows], one adapter index per row of x (x.size(0) = ",
-                    x.size(0), "), got ", ids.sizes());
-  check_same_device(kOp, x, "x", ids, "ids");
-  const at::Tensor host_ids = ids.cpu().contiguous();
-  const int64_t* id = host_ids.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < host_ids.numel(); ++i)
-    TORCH_CHECK_VALUE(id[i] >= -1 && id[i] < n, kOp, ": ids[", i, "] = ", id[i],
-                      " is out of range: adapter indices are in [0, ", n,
-                      ") (n_adapters), or -1 for the base only");
+  check_adapter_ids(kOp, ids, x, "x", n);
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, kOp,
                     ": dropout_p must be in [0, 1), got ", dropout_p);
   TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),

@@ -95,6 +95,26 @@ TORCH_LIBRARY_FRAGMENT(pykernels, m) {
       "Tensor grad_w_down, Tensor grad_b_down, Tensor grad_w_up, Tensor grad_b_up)");
 }
 
+// ---- Multi bottleneck adapters (multi_bottleneck.cpp, over bottleneck.cpp's pipeline) ----
+// Many adapters at one site, each batch row of h [rows, ..., d] picking one by
+// ids (int64 [rows] in [-1, n); -1: out = residual): bottleneck_adapter's math
+// with adapter ids[i]'s w_down[a] [m_a, d], b_down[a], w_up[a] [d, m_a], b_up[a],
+// scales[a] and acts[a]; the adapters may differ in m, act and scale. With
+// save_pre, pre [..., max m] holds each row's pre-activation in its first m_a
+// columns (zeros elsewhere). The backward gives dh (as bottleneck_adapter's) and
+// each adapter's weight and bias gradients, zeros for an adapter no row picked.
+TORCH_LIBRARY_FRAGMENT(pykernels, m) {
+  m.def(
+      "multi_bottleneck(Tensor h, Tensor? residual, Tensor[] w_down, Tensor[] b_down, "
+      "Tensor[] w_up, Tensor[] b_up, float[] scales, str[] acts, Tensor ids, bool save_pre) "
+      "-> (Tensor out, Tensor pre)");
+  m.def(
+      "multi_bottleneck_backward(Tensor grad_out, Tensor h, Tensor pre, Tensor[] w_down, "
+      "Tensor[] w_up, float[] scales, str[] acts, Tensor ids, bool need_grad_h, "
+      "bool add_grad_out) -> (Tensor? grad_h, Tensor[] grad_w_down, Tensor[] grad_b_down, "
+      "Tensor[] grad_w_up, Tensor[] grad_b_up)");
+}
+
 // ---- IA³ (ia3.cpp) and prompt tuning (prompt.cpp) ----
 TORCH_LIBRARY_FRAGMENT(pykernels, m) {
   // out = (v + bias) ⊙ l over v's last dim, l any float dtype used in fp32: IA³'s

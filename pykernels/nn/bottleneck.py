@@ -40,7 +40,7 @@ from torch import nn
 
 from .. import ops
 from ..ops.bottleneck import ACTIVATIONS
-from .row_ids import AdapterIds, RowAdapterLayer, check_adapter_name, group_rows
+from .row_ids import AdapterIds, RowAdapterLayer, check_adapter_name
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 
@@ -88,25 +88,19 @@ class BottleneckAdapter(nn.Module):
                 f"scale={self.scale:g}")
 
 
-def _take(t: torch.Tensor, rows) -> torch.Tensor:
-    """Rows of a group_rows group: a view when consecutive, else gathered."""
-    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
-
-
 class MultiBottleneckAdapter(RowAdapterLayer):
     """Many named BottleneckAdapters over one feature size ``d``; each batch row of
     ``h`` [rows, ..., d] goes through its own (per-row ids, row_ids.py; -1: none,
     the row passes through as the residual). ``forward(h, residual=None,
     adapter_ids=None)``.
 
-    The rows are grouped by adapter once (group_rows) and each group runs the
-    fused op on that adapter's own weights, so serving copies no weights and
-    gathers only the rows of groups that are not consecutive. The adapters may
-    differ in bottleneck_dim, act and scale; each must be in h's dtype (the op
-    checks). In training, an adapter no row picked gets no gradient (None), so
-    an optimizer step leaves it alone. Under torch.compile the grouping (a host
-    decision) is replaced by every adapter over every row, selected per row:
-    n_adapters times the adapter work, one graph.
+    One native call (ops.multi_bottleneck) groups the rows by adapter and runs
+    the fused bottleneck pipeline on each group with that adapter's own weights:
+    serving copies no weights and gathers only the rows of groups that are not
+    consecutive. The adapters may differ in bottleneck_dim, act and scale; each
+    must be in h's dtype (the op checks). In training, an adapter no row picked
+    gets no gradient (None), so an optimizer step leaves it alone; under
+    torch.compile (fullgraph: the same op) it gets zeros.
     """
 
     def __init__(self, d: int):
@@ -151,44 +145,21 @@ class MultiBottleneckAdapter(RowAdapterLayer):
                 adapter_ids: AdapterIds = None) -> torch.Tensor:
         if adapter_ids is None:
             adapter_ids = self.row_ids
-        base = h if residual is None else residual
         if adapter_ids is None:  # one adapter (or none) for every row: no grouping
             if self.active_adapter is None:
-                return base
+                return h if residual is None else residual
             return self.adapters[self.active_adapter](h, residual)
         squeeze = h.dim() == 1
         if squeeze:
-            h, base = h.unsqueeze(0), base.unsqueeze(0)
-            residual = None if residual is None else base
+            h = h.unsqueeze(0)
+            residual = None if residual is None else residual.unsqueeze(0)
         ids = self.resolve_ids(adapter_ids, h.shape[0], h.device)
         adapters = list(self.adapters.values())
-        if torch.compiler.is_compiling():
-            torch._assert_async(((ids >= -1) & (ids < len(adapters))).all(),
-                                f"MultiBottleneckAdapter: adapter ids out of range "
-                                f"[-1, {len(adapters)}) (-1: no adapter)")
-            out = base
-            for a, adapter in enumerate(adapters):
-                picked = (ids == a).view(-1, *(1,) * (h.dim() - 1))
-                out = torch.where(picked, adapter(h, residual), out)
-        else:
-            out = self._grouped(h, residual, base, group_rows(ids, len(adapters),
-                                                              "MultiBottleneckAdapter"))
+        out = ops.multi_bottleneck(
+            h, [a.down.weight for a in adapters], [a.down.bias for a in adapters],
+            [a.up.weight for a in adapters], [a.up.bias for a in adapters],
+            [a.act for a in adapters], [a.scale for a in adapters], ids, residual)
         return out.squeeze(0) if squeeze else out
-
-    def _grouped(self, h, residual, base, groups):
-        adapters = list(self.adapters.values())
-        if len(groups) == 1:  # every row picked one adapter (or none)
-            a = groups[0][0]
-            return base if a < 0 else adapters[a](h, residual)
-        out = base.new_empty(base.shape)
-        for a, rows in groups:
-            piece = _take(base, rows) if a < 0 else adapters[a](
-                _take(h, rows), None if residual is None else _take(residual, rows))
-            if isinstance(rows, slice):
-                out[rows] = piece
-            else:
-                out.index_copy_(0, rows, piece)
-        return out
 
     def extra_repr(self) -> str:
         return f"d={self.d}, adapters={self.adapter_names}, active={self.active_adapter!r}"

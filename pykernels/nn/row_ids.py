@@ -67,7 +67,8 @@ class RowAdapterLayer(nn.Module):
     def resolve_ids(self, ids: AdapterIds, rows: int,
                     device: torch.device) -> Optional[torch.Tensor]:
         """ids as an int64 tensor [rows] on ``device``, or None for base only (no ids
-        and no active adapter). Checks dtype and length; ``group_rows`` checks the range."""
+        and no active adapter). Checks dtype and length; the range is checked by
+        ``group_rows`` or the layer's op."""
         who = type(self).__name__
         if ids is None:
             if self.active_adapter is None:

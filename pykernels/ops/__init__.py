@@ -22,6 +22,9 @@ __all__ += ["multi_lora"]
 from .bottleneck import bottleneck_adapter
 
 __all__ += ["bottleneck_adapter"]
+from .multi_bottleneck import multi_bottleneck
+
+__all__ += ["multi_bottleneck"]
 
 from .ia3 import ia3_nf4_linear, ia3_scale
 
