@@ -79,11 +79,14 @@ command -v cuobjdump >/dev/null && cuobjdump --dump-resource-usage pykernels/_C*
   | grep -A1 "pykernels4cuda" | sed 's/^ *//' >> "$OUT/env.txt"
 
 # ---- every CUDA test, the >2^31-element one included ----
+# One line per test (-v): if the process dies mid-run (an H200 run once
+# segfaulted), run.log still names every test that failed before it.
 start=$(date +%s)
-timeout "$(limit 240)" $PY -m pytest -m cuda tests -q -rs -p no:cacheprovider \
+timeout "$(limit 240)" $PY -m pytest -m cuda tests -v -rfEs -p no:cacheprovider \
   --junitxml="$OUT/junit-cuda.xml" > "$OUT/run.log" 2>&1
 rc=$?
 summary "tests: rc=$rc in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/run.log")"
+grep -E "(FAILED|ERROR)( |$)" "$OUT/run.log" | grep "::" | sort -u | tee -a "$OUT/summary.txt"
 
 # ---- benchmarks: NF4 dequantize bandwidth; the LoRA step and NF4 linear; QLoRA; the adapters ----
 for bench in nf4_cuda lora_cuda qlora_cuda multi_lora_cuda bottleneck_cuda ia3_cuda; do
