@@ -71,6 +71,20 @@ def test_matches_reference(dtype, p, shape):
     check_against_reference(*shape, dtype, p)
 
 
+# bf16 without dropout over many rows: past 128 rows the forward adds the adapter's
+# term in a pass of its own, past 256 the row contractions take a transposed copy
+# (csrc/torch/lora.cpp); odd row counts (301, 3 x 101), in / out not multiples of
+# 64, r = 2, 3 and above 64.
+MANY_ROW_SHAPES = [((301,), 578, 194, 6), ((3, 101), 130, 66, 70), ((129,), 64, 32, 2),
+                   ((2, 150), 256, 96, 16), ((300,), 577, 193, 3)]
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("shape", MANY_ROW_SHAPES)
+def test_bf16_many_rows(shape, x_grad):
+    check_against_reference(*shape, torch.bfloat16, 0.0, x_grad=x_grad)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_x_without_grad(p):
     check_against_reference((9,), 100, 50, 4, torch.bfloat16, p, x_grad=False)
