@@ -86,27 +86,5 @@ def _lora_dropout_mask_fake(seed, rows, cols, p):
     return seed.new_empty((rows, cols), dtype=torch.bool)
 
 
-# ---- autograd ----
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scale, dropout_p, seed = inputs
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        raise RuntimeError(
-            "lora_linear: the base weight and bias are frozen and get no gradient; "
-            "call weight.requires_grad_(False) (and bias's) before the forward")
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.scale, ctx.dropout_p = scale, dropout_p
-    ctx.set_materialize_grads(False)  # an unused xa gets no zero-filled gradient
-
-
-def _backward(ctx, grad_out, grad_xa):
-    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = x.new_zeros((*x.shape[:-1], weight.shape[0]))
-    grad_x, grad_A, grad_B = _ops.lora_linear_backward(
-        grad_out, grad_xa, x, weight, lora_A, lora_B, xa, ctx.scale, ctx.dropout_p, seed,
-        ctx.needs_input_grad[0])
-    return grad_x, None, None, grad_A, grad_B, None, None, None
-
-
-torch.library.register_autograd("pykernels::lora_linear", _backward, setup_context=_setup_context)
+# Autograd: csrc/torch/lora_autograd.cpp (in C++: the Python registration cost
+# ~80 us a layer and step).

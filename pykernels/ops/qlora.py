@@ -49,36 +49,5 @@ def _qlora_linear_backward_fake(grad_out, grad_xa, x, packed, absmax, blocksize,
     return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
-# ---- autograd ----
-
-_BASE_INPUTS = (1, 2, 5, 6, 7, 8)  # packed, absmax, bias, absmax_scale/code/offset
-
-
-def _setup_context(ctx, inputs, output):
-    (x, packed, absmax, blocksize, out_features, bias, absmax_scale, absmax_code, absmax_offset,
-     lora_A, lora_B, scale, dropout_p, seed) = inputs
-    if any(ctx.needs_input_grad[i] for i in _BASE_INPUTS):
-        raise RuntimeError("qlora_linear: the NF4 base (and its bias) is frozen and gets no "
-                           "gradient; call bias.requires_grad_(False) before the forward")
-    ctx.save_for_backward(x, packed, absmax, absmax_scale, absmax_code, absmax_offset, lora_A,
-                          lora_B, output[1], seed)
-    ctx.blocksize, ctx.scale, ctx.dropout_p = blocksize, scale, dropout_p
-    ctx.out_features = out_features
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_out, grad_xa):
-    (x, packed, absmax, absmax_scale, absmax_code, absmax_offset, lora_A, lora_B, xa,
-     seed) = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = x.new_zeros((*x.shape[:-1], ctx.out_features))
-    grad_x, grad_A, grad_B = _ops.qlora_linear_backward(
-        grad_out, grad_xa, x, packed, absmax, ctx.blocksize, absmax_scale, absmax_code,
-        absmax_offset, lora_A, lora_B, xa, ctx.scale, ctx.dropout_p, seed,
-        ctx.needs_input_grad[0])
-    return (grad_x, None, None, None, None, None, None, None, None, grad_A, grad_B, None, None,
-            None)
-
-
-torch.library.register_autograd("pykernels::qlora_linear", _backward,
-                                setup_context=_setup_context)
+# Autograd: csrc/torch/lora_autograd.cpp (in C++: the Python registration cost
+# ~80 us a layer and step).
