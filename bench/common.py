@@ -63,8 +63,10 @@ class Timing:
 def measure(fns: dict, min_time: float = 0.5, clock=time.perf_counter) -> dict[str, Timing]:
     """Median, interquartile range and minimum of single calls of each of ``fns``.
 
-    The calls are interleaved (one of each per round), so every side gets the same
-    share of whatever else runs on this shared machine: while a concurrent build
+    The calls are interleaved (one of each per round, the order reversed each
+    round), so every side gets the same share of whatever else runs on this shared
+    machine and of what the call before it left behind (the IA3 block in a fixed
+    order: 1.044 of the plain block; alternating: 1.022): while a concurrent build
     holds a core, a 2-thread region waits for a scheduler tick, and a 0.3 ms call
     takes 8 ms. After one warm-up call each, a function is called until it has
     spent ``min_time`` seconds in 3 calls or more; a call over 1 s stops at 2
@@ -84,13 +86,16 @@ def measure(fns: dict, min_time: float = 0.5, clock=time.perf_counter) -> dict[s
         return len(t) < 2 or (len(t) < 3 and t[0] < 1.0) or sum(t) < min_time
 
     gc.disable()
+    order = list(fns)
     try:
         while any(wants_more(t) for t in times.values()):
-            for name, fn in fns.items():
+            for name in order:
+                fn = fns[name]
                 if wants_more(times[name]):
                     start = clock()
                     fn()
                     times[name].append(clock() - start)
+            order.reverse()  # no side always runs right after the same other
     finally:
         gc.enable()
     result = {}
