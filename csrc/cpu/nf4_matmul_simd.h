@@ -36,6 +36,12 @@ constexpr int64_t kXFloats = 8192;
 // rows that start on a high and on a low nibble) take 32 KB, within L1.
 constexpr int64_t kStripFloats = 8192;
 
+// matvec asks for the packed bytes 2 KiB (a row at 4096 columns) ahead, once a
+// block: NF4Linear at one token, 4096x4096 bf16, 2 threads, 0.60 -> 0.47 ms a
+// layer with the weights out of cache (16 layers in turn), 0.67 -> 0.41 ms in
+// cache; 1 KiB: 0.47 / 0.50, 4 KiB: 0.44 / 0.45.
+constexpr int64_t kMatvecPrefetchBytes = 2048;
+
 // Accumulators per token: one or two tokens alone need more than one chain of
 // FMAs to hide the FMA latency behind the decode.
 constexpr int accumulators(int tokens) { return tokens <= 2 ? 2 : 1; }
@@ -126,6 +132,7 @@ __attribute__((noinline)) PK_MATMUL_TARGET void dot_tokens(const Chunks<V>& chun
     for (int k = 0; k < K; ++k) acc[tt][k] = V::zero();
   if (chunks.aligned()) {
     for_each_block(chunks, count, [&](int64_t c, int64_t n, float scale) PK_MATMUL_TARGET {
+      __builtin_prefetch(chunks.bytes + c * (kChunk / 2) + kMatvecPrefetchBytes);
       Vec block[TT][K];
       for (int tt = 0; tt < TT; ++tt)
         for (int k = 0; k < K; ++k) block[tt][k] = V::zero();
