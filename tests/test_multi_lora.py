@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pykernels import ops, reference
-from pykernels.nn import LoRALinear, MultiLoRALinear, NF4Linear, adapter_ids, set_adapter_ids
+from pykernels.nn import LoRALinear, MultiLoRALinear, adapter_ids, set_adapter_ids
 
 from helpers import assert_each_within_rule
 
@@ -325,7 +325,6 @@ def peft_to_ours(peft_model):
 def test_matches_peft_mixed_batch():
     peft = pytest.importorskip("peft")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    names = ["t0", "t1", "t2"]
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False), adapter_name="t0")
     model.add_adapter("t1", peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets,
