@@ -60,6 +60,10 @@ def peak_memory_growth(script: str, *args: str) -> int:
     in kB. glibc is told to mmap every allocation over 64 KiB, so freed buffers
     leave the resident set instead of being reused unseen."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    # From tests/: `python -c` puts its working directory first on sys.path, and from
+    # the repository root that is the in-tree build, not the one this pytest imported
+    # (CI's CUDA venv installs its own; the in-tree one is built for the CPU torch).
     result = subprocess.run([sys.executable, "-c", PEAK_MEMORY_PRELUDE + script, *args], env=env,
-                            capture_output=True, text=True, check=True)
+                            capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, f"the peak-memory script failed:\n{result.stderr[-3000:]}"
     return int(result.stdout) * 1024
