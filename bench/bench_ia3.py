@@ -17,8 +17,9 @@ quiet machine, 41 calls of the block a side): k_proj ours / plain 1.044, peft /
 plain 1.082; down_proj ours 1.118, peft 1.193; the block ours 1.034, peft 1.054
 (best calls 1.025 / 1.034). The block's calls spread ±5% (IQR 25 ms of 490), so
 its ratio moves by ~1% from run to run; 40 alternating calls a side of plain and
-ours alone gave 1.022 (mean 1.021). What IA³ adds is its elementwise passes and
-fresh output pages: ~38 MB a step at 512 tokens.
+ours alone gave 1.022 (mean 1.021). What IA³ adds is elementwise passes over the
+k/v outputs and the down_proj input, forward and backward: ~95 MB a step at 512
+tokens.
 """
 from __future__ import annotations
 
