@@ -106,6 +106,7 @@ PK_AVX2 int64_t quantize(const typename Storage<D>::type* x, int64_t n, int64_t 
     __m256 block_max = _mm256_setzero_ps();
     int not_finite = 0;
     for (int64_t i = 0; i < blocksize; i += 8) {
+      _mm_prefetch(reinterpret_cast<const char*>(block + i) + kQuantizePrefetchBytes, _MM_HINT_T0);
       const __m256 a = _mm256_and_ps(load8<D>(block + i), sign_off);
       not_finite |= _mm256_movemask_ps(_mm256_cmp_ps(a, largest, _CMP_NLE_UQ));
       block_max = _mm256_max_ps(block_max, a);

@@ -137,12 +137,6 @@ PK_AVX512 inline __m512i unpack16(const uint8_t* src) {
   return _mm512_or_si512(high, _mm512_slli_epi64(low, 32));
 }
 
-// The absmax pass asks for the input 1 KiB ahead: each block is read, reduced,
-// then encoded, and the hardware prefetcher alone kept too few lines in flight
-// for a tensor out of cache (8192^2 fp32, 2 threads: 32 -> 22 ms, 8.3 -> 12.4
-// GB/s; 512 B ahead: 27 ms, 2-4 KiB: 22-23.5 ms).
-constexpr int64_t kQuantizePrefetchBytes = 1024;
-
 template <DType D>
 PK_AVX512 int64_t quantize(const typename Storage<D>::type* x, int64_t n, int64_t blocksize,
                            int64_t block_begin, int64_t block_end, uint8_t* packed,
