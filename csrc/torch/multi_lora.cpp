@@ -100,9 +100,16 @@ void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor&
                    "'s dtype ", a.scalar_type(), ", got ", b.scalar_type());
 }
 
-// x [rows, ..., in] against the stacked adapters, scales, ids, dropout and seed;
-// returns the dropout. Reads ids (on the CPU; from a GPU it waits for them).
-Dropout check_inputs(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
+// The checked ids, on the host, and the dropout.
+struct Checked {
+  at::Tensor host_ids;
+  Dropout dropout;
+};
+
+// x [rows, ..., in] against the stacked adapters, scales, ids, dropout and seed.
+// Reads ids once (on the CPU; from a GPU it waits for them): the segments are
+// built from the same host copy.
+Checked check_inputs(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
                      const at::Tensor& scales, const at::Tensor& ids, double dropout_p,
                      const at::Tensor& seed) {
   const auto type = x.scalar_type();
@@ -126,7 +133,7 @@ Dropout check_inputs(const at::Tensor& x, const at::Tensor& lora_A, const at::Te
                     ": scales must be [n_adapters] = [", n, "], got ", scales.sizes());
   check_dtype(kOp, "scales", scales, at::kFloat);
   check_same_device(kOp, x, "x", scales, "scales");
-  check_adapter_ids(kOp, ids, x, "x", n);
+  at::Tensor host_ids = check_adapter_ids(kOp, ids, x, "x", n);
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, kOp,
                     ": dropout_p must be in [0, 1), got ", dropout_p);
   TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
@@ -134,7 +141,7 @@ Dropout check_inputs(const at::Tensor& x, const at::Tensor& lora_A, const at::Te
                     seed.sizes(), " on ", seed.device());
   TORCH_CHECK_VALUE(dropout_p == 0.0 || in <= int64_t(std::numeric_limits<uint32_t>::max()), kOp,
                     ": dropout needs in_features below 2^32, got ", in);
-  return make_dropout(dropout_p, uint64_t(*seed.const_data_ptr<int64_t>()));
+  return {host_ids, make_dropout(dropout_p, uint64_t(*seed.const_data_ptr<int64_t>()))};
 }
 
 void check_like(const at::Tensor& x, const at::Tensor& t, const char* name, int64_t last) {
@@ -145,9 +152,8 @@ void check_like(const at::Tensor& x, const at::Tensor& t, const char* name, int6
   check_same_device(kOp, x, "x", t, name);
 }
 
-Segments make_segments(const at::Tensor& ids, int64_t tokens, int64_t n_adapters,
+Segments make_segments(const at::Tensor& host_ids, int64_t tokens, int64_t n_adapters,
                        const at::Device& device) {
-  const at::Tensor host_ids = ids.cpu().contiguous();
   const int64_t rows = host_ids.numel();
   Segments s;
   s.n_adapters = n_adapters;
@@ -189,12 +195,13 @@ std::tuple<at::Tensor, at::Tensor> multi_lora(const at::Tensor& x, const at::Ten
                                               const at::Tensor& lora_A, const at::Tensor& lora_B,
                                               const at::Tensor& scales, const at::Tensor& ids,
                                               double dropout_p, const at::Tensor& seed) {
-  const Dropout d = check_inputs(x, lora_A, lora_B, scales, ids, dropout_p, seed);
+  const Checked checked = check_inputs(x, lora_A, lora_B, scales, ids, dropout_p, seed);
+  const Dropout& d = checked.dropout;
   const int64_t n = lora_A.size(0), rank = lora_A.size(1), out = lora_B.size(1);
   check_like(x, base, "base", out);
   const at::Tensor x2d = x.reshape({-1, x.size(-1)}).contiguous();
   const int64_t tokens = x.size(0) == 0 ? 0 : x2d.size(0) / x.size(0);
-  const Segments s = make_segments(ids, tokens, n, x.device());
+  const Segments s = make_segments(checked.host_ids, tokens, n, x.device());
   at::Tensor y = base.reshape({-1, out}).clone(at::MemoryFormat::Contiguous);
   at::Tensor xa = at::zeros({x2d.size(0), rank}, x.options());
   if (const Kernels* k = kernels_for(x)) {
@@ -220,7 +227,8 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> multi_lora_backwar
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& scales, const at::Tensor& ids, const at::Tensor& xa,
     double dropout_p, const at::Tensor& seed, bool need_grad_x) {
-  const Dropout d = check_inputs(x, lora_A, lora_B, scales, ids, dropout_p, seed);
+  const Checked checked = check_inputs(x, lora_A, lora_B, scales, ids, dropout_p, seed);
+  const Dropout& d = checked.dropout;
   const int64_t n = lora_A.size(0), rank = lora_A.size(1), out = lora_B.size(1);
   check_like(x, grad_out, "grad_out", out);
   check_like(x, xa, "xa", rank);
@@ -228,7 +236,7 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> multi_lora_backwar
   const at::Tensor dy = grad_out.reshape({-1, out}).contiguous();
   const at::Tensor xa2d = xa.reshape({-1, rank}).contiguous();
   const int64_t tokens = x.size(0) == 0 ? 0 : x2d.size(0) / x.size(0);
-  const Segments s = make_segments(ids, tokens, n, x.device());
+  const Segments s = make_segments(checked.host_ids, tokens, n, x.device());
   at::Tensor grad_A = at::zeros(lora_A.sizes(), lora_A.options());
   at::Tensor grad_B = at::zeros(lora_B.sizes(), lora_B.options());
   at::Tensor dx = need_grad_x ? at::zeros(x2d.sizes(), x2d.options()) : at::Tensor();
