@@ -179,11 +179,11 @@ def from_layers(rows: list[dict]) -> list[dict]:
     plain block. IA³ changes nothing else in the block, and the layers' ±1% noise
     is far below the block's (its calls spread ±5%), so this reads what the
     block-vs-block ratio hides."""
-    time = {(r["impl"], r["shape"].split()[0]): r for r in rows if r["kind"] == "time"}
+    timed = {(r["impl"], r["shape"].split()[0]): r for r in rows if r["kind"] == "time"}
     block = next(r for r in rows if r["kind"] == "time" and r["impl"] == BASE)
 
     def value(stat):
-        extra = sum(weight * (time[(OURS, name)][stat] - time[("plain layer", name)][stat])
+        extra = sum(weight * (timed[(OURS, name)][stat] - timed[("plain layer", name)][stat])
                     for name, weight in (("k_proj", 2), ("down_proj", 1)))
         return 1 + extra / block[stat]
 

@@ -198,6 +198,7 @@ def multi_bottleneck(h: torch.Tensor, w_down, b_down, w_up, b_up, acts, scales, 
                                        scales[a], base[rows])
     return out
 
+
 # ---- IA³ (pykernels/ops/ia3.py) ----
 
 def ia3_scale(v: torch.Tensor, l: torch.Tensor, bias=None) -> torch.Tensor:
