@@ -83,7 +83,21 @@ int64_t nf4_matvec_x_size(int64_t tokens, int64_t cols) {
   return x_copies(cols) * tokens * padded_cols(cols);
 }
 
-void nf4_matvec_pack_x(DType dtype, const void* x, int64_t tokens, int64_t cols, float* x_packed) {
+bool nf4_matvec_bf16_dots(SimdPath path, DType dtype, const NF4Matrix& w) {
+  return path == SimdPath::AVX512 && dtype == DType::BF16 && w.cols % kBf16Step == 0 &&
+         w.blocksize % kBf16Step == 0 && cpu_has_avx512_bf16();
+}
+
+void nf4_matvec_pack_x(SimdPath path, DType dtype, const NF4Matrix& w, const void* x,
+                       int64_t tokens, float* x_packed) {
+  const int64_t cols = w.cols;
+  if (nf4_matvec_bf16_dots(path, dtype, w)) {
+    const auto* src = static_cast<const uint16_t*>(x);
+    auto* dst = reinterpret_cast<uint16_t*>(x_packed);
+    for (int64_t r = 0; r < tokens * cols; ++r)
+      dst[(r & ~(kBf16Step - 1)) | ((r & 1) << 5) | ((r & (kBf16Step - 1)) >> 1)] = src[r];
+    return;
+  }
   const int64_t stride = padded_cols(cols);
   for (int64_t copy = 0; copy < x_copies(cols); ++copy)
     for (int64_t t = 0; t < tokens; ++t) {
@@ -136,6 +150,9 @@ void nf4_matvec_t_scalar(DType dtype, const NF4Matrix& w, const float* dy_t, int
 
 void nf4_matvec(SimdPath path, DType dtype, const NF4Matrix& w, const float* x_packed,
                 int64_t tokens, int64_t row_begin, int64_t row_end, const void* bias, void* y) {
+  if (nf4_matvec_bf16_dots(path, dtype, w))
+    return nf4_matvec_bf16_avx512(w, reinterpret_cast<const uint16_t*>(x_packed), tokens,
+                                  row_begin, row_end, bias, y);
   switch (path) {
     case SimdPath::AVX512:
       return nf4_matvec_avx512(dtype, w, x_packed, tokens, row_begin, row_end, bias, y);

@@ -9,6 +9,8 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
+#include <utility>
+
 #include "nf4_matmul_paths.h"
 #include "pykernels/blockwise8.h"
 
@@ -72,7 +74,109 @@ struct Avx512 {
 
 #include "nf4_matmul_simd.h"
 
+// ---- bf16 x with BF16 dot products (AVX512-BF16) ----
+//
+// Where nf4_matvec_bf16_dots holds, every row starts a 64-column step inside one
+// block. A step is 32 packed bytes widened to 16-bit lanes: byte k looks up its
+// low nibble (column 2k + 1) and, shifted, its high one (column 2k) among the 16
+// code values rounded to bf16 (held twice: the 16-bit lookup reads 5 index bits);
+// vdpbf16ps multiplies pairs of lanes by x (packed as the step's 32 even columns,
+// then its 32 odd ones) and adds both products to fp32 lanes. A block's sum is
+// scaled by its absmax once. Three shuffles, a shift and two dot products per 64
+// weights, against six shuffles, two shifts and four FMAs on the fp32 path: the
+// loops alone, 4096x4096 at one token, one core here (AMD EPYC, Zen 4), 0.37 ms
+// against 0.72 in cache; NF4Linear, 2 threads: 0.56 -> 0.30 ms.
+// The codes' bf16 rounding (at most 2^-9 of a weight) is the size of the one
+// that a bf16 dequantize gives each weight.
+#define PK_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
+
 namespace pykernels::cpu {
+namespace {
+
+// x of one token group, for a span of columns, stays within 32 KB of L1.
+constexpr int64_t kXBf16 = 16384;
+
+PK_BF16_TARGET __m512i bf16_code_table() {
+  const __m512 code = _mm512_loadu_ps(kNF4Code);
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(code, code));
+}
+
+// sums[tt] += x[tt] . w over `steps` steps from `bytes`; the first starts
+// `in_block` steps into the block of absmax[0]. OneStepBlocks: blocksize 64 (the
+// default), one step a block, so the loop needs no run lengths.
+template <int TT, bool OneStepBlocks>
+__attribute__((noinline)) PK_BF16_TARGET void dot_steps(const uint8_t* bytes, const float* absmax,
+                                                         int64_t in_block, int64_t per_block,
+                                                         int64_t steps, const uint16_t* x,
+                                                         int64_t stride, float* sums) {
+  constexpr int K = accumulators(TT);
+  const __m512i table = bf16_code_table();
+  __m512 acc[TT][K];
+  for (int tt = 0; tt < TT; ++tt)
+    for (int k = 0; k < K; ++k) acc[tt][k] = _mm512_setzero_ps();
+  int64_t s = 0;
+  for (int64_t run = OneStepBlocks ? 1 : std::min(steps, per_block - in_block); s < steps;
+       run = OneStepBlocks ? 1 : std::min(per_block, steps - s)) {
+    __m512 block[TT];
+    for (int tt = 0; tt < TT; ++tt) block[tt] = _mm512_setzero_ps();
+    for (const int64_t end = s + run; s < end; ++s) {
+      const uint8_t* p = bytes + s * (kBf16Step / 2);
+      __builtin_prefetch(p + kMatvecPrefetchBytes);
+      const __m512i nibbles =
+          _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      const __m512bh even =
+          reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(_mm512_srli_epi16(nibbles, 4), table));
+      const __m512bh odd = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(nibbles, table));
+#pragma GCC unroll 8
+      for (int tt = 0; tt < TT; ++tt) {
+        const uint16_t* xs = x + tt * stride + s * kBf16Step;
+        block[tt] = _mm512_dpbf16_ps(block[tt], even, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xs)));
+        block[tt] = _mm512_dpbf16_ps(block[tt], odd,
+                                     reinterpret_cast<__m512bh>(_mm512_loadu_si512(xs + kBf16Step / 2)));
+      }
+    }
+    const __m512 scale = _mm512_set1_ps(*absmax++);
+    for (int tt = 0; tt < TT; ++tt) {
+      acc[tt][0] = _mm512_fmadd_ps(block[tt], scale, acc[tt][0]);
+      if constexpr (K == 2) std::swap(acc[tt][0], acc[tt][1]);  // two chains of FMAs
+    }
+  }
+  for (int tt = 0; tt < TT; ++tt) {
+    __m512 total = acc[tt][0];
+    for (int k = 1; k < K; ++k) total = _mm512_add_ps(total, acc[tt][k]);
+    sums[tt] += _mm512_reduce_add_ps(total);
+  }
+}
+
+}  // namespace
+
+void nf4_matvec_bf16_avx512(const NF4Matrix& w, const uint16_t* x_bf16, int64_t tokens,
+                            int64_t row_begin, int64_t row_end, const void* bias, void* y) {
+  const int64_t cols = w.cols, per_block = w.blocksize / kBf16Step;
+  std::vector<float> sums(size_t((row_end - row_begin) * tokens), 0.0f);  // [row][token]
+  BlockAbsmax absmax(w, Avx512::decode_absmax);
+  for (int64_t t0 = 0; t0 < tokens; t0 += Avx512::kMaxTokens) {
+    const int64_t group = std::min<int64_t>(Avx512::kMaxTokens, tokens - t0);
+    const int64_t span = std::max(kBf16Step, kXBf16 / group / kBf16Step * kBf16Step);  // columns
+    for (int64_t c0 = 0; c0 < cols; c0 += span)
+      for (int64_t j = row_begin; j < row_end; ++j) {
+        const int64_t first = j * cols + c0, width = std::min(span, cols - c0);
+        absmax.load(first, first + width);
+        with_token_count<Avx512::kMaxTokens>(group, [&](auto tt) PK_BF16_TARGET {
+          const auto steps = per_block == 1 ? dot_steps<tt, true> : dot_steps<tt, false>;
+          steps(w.packed + first / 2, absmax.values(), (first & (w.blocksize - 1)) / kBf16Step,
+                per_block, width / kBf16Step, x_bf16 + t0 * cols + c0, cols,
+                &sums[size_t((j - row_begin) * tokens + t0)]);
+        });
+      }
+  }
+  for (int64_t j = row_begin; j < row_end; ++j) {
+    const float b = bias != nullptr ? load_value(DType::BF16, bias, j) : 0.0f;
+    for (int64_t t = 0; t < tokens; ++t)
+      store_value(DType::BF16, y, t * w.rows + j, sums[size_t((j - row_begin) * tokens + t)] + b);
+  }
+}
 
 void nf4_matvec_avx512(DType dtype, const NF4Matrix& w, const float* x_packed, int64_t tokens,
                        int64_t row_begin, int64_t row_end, const void* bias, void* y) {
@@ -89,6 +193,8 @@ void nf4_matvec_t_avx512(DType dtype, const NF4Matrix& w, const float* dy_t, int
 #else  // not x86-64: the dispatcher never selects this path; keep the symbols.
 #include "nf4_matmul_paths.h"
 namespace pykernels::cpu {
+void nf4_matvec_bf16_avx512(const NF4Matrix&, const uint16_t*, int64_t, int64_t, int64_t,
+                            const void*, void*) {}
 void nf4_matvec_avx512(DType d, const NF4Matrix& w, const float* x, int64_t t, int64_t r0,
                        int64_t r1, const void* b, void* y) {
   nf4_matvec_scalar(d, w, x, t, r0, r1, b, y);

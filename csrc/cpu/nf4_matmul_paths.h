@@ -14,6 +14,7 @@
 namespace pykernels::cpu {
 
 constexpr int64_t kChunk = 32;  // columns per chunk: 16 packed bytes
+constexpr int64_t kBf16Step = 64;  // columns per step of the bf16 dot kernel: 32 packed bytes
 
 inline int64_t chunk_position(int64_t r) {
   return (r & ~int64_t(31)) | ((r & 1) << 4) | ((r & 31) >> 1);
@@ -84,5 +85,8 @@ PK_NF4_MATMUL_PATH(scalar)
 PK_NF4_MATMUL_PATH(avx2)
 PK_NF4_MATMUL_PATH(avx512)
 #undef PK_NF4_MATMUL_PATH
+// x_bf16 in nf4_matvec_pack_x's bf16 layout; where nf4_matvec_bf16_dots holds.
+void nf4_matvec_bf16_avx512(const NF4Matrix& w, const uint16_t* x_bf16, int64_t tokens,
+                            int64_t row_begin, int64_t row_end, const void* bias, void* y);
 
 }  // namespace pykernels::cpu

@@ -23,6 +23,7 @@
 // add(), mul(), fma(), sum().
 #pragma once
 #include <algorithm>
+#include <type_traits>
 
 #include "nf4_matmul_paths.h"
 
@@ -159,13 +160,13 @@ __attribute__((noinline)) PK_MATMUL_TARGET void dot_tokens(const Chunks<V>& chun
   }
 }
 
-// Runs dot_tokens<V, group> for 1 <= group <= TT.
-template <class V, int TT = V::kMaxTokens>
-PK_MATMUL_TARGET void dot_group(int64_t group, const Chunks<V>& chunks, int64_t count,
-                                const float* x, int64_t stride, float* sums) {
+// kernel(std::integral_constant<int, group>{}) for 1 <= group <= TT: each token
+// count its own compiled loop.
+template <int TT, class Kernel>
+PK_MATMUL_TARGET inline void with_token_count(int64_t group, Kernel&& kernel) {
   if constexpr (TT > 1)
-    if (group < TT) return dot_group<V, TT - 1>(group, chunks, count, x, stride, sums);
-  dot_tokens<V, TT>(chunks, count, x, stride, sums);
+    if (group < TT) return with_token_count<TT - 1>(group, kernel);
+  kernel(std::integral_constant<int, TT>{});
 }
 
 template <class V>
@@ -187,9 +188,11 @@ PK_MATMUL_TARGET void matvec(DType dtype, const NF4Matrix& w, const float* x_pac
         if (c1 <= c0) continue;
         const int64_t first = start + lead + c0 * kChunk;
         absmax.load(first, first + (c1 - c0) * kChunk);
-        dot_group<V>(group, Chunks<V>(w, absmax, first), c1 - c0,
-                     x_packed + (lead * tokens + t0) * stride + c0 * kChunk, stride,
-                     &sums[size_t((j - row_begin) * tokens + t0)]);
+        with_token_count<V::kMaxTokens>(group, [&](auto tt) PK_MATMUL_TARGET {
+          dot_tokens<V, tt>(Chunks<V>(w, absmax, first), c1 - c0,
+                            x_packed + (lead * tokens + t0) * stride + c0 * kChunk, stride,
+                            &sums[size_t((j - row_begin) * tokens + t0)]);
+        });
       }
   }
   for (int64_t j = row_begin; j < row_end; ++j) {
@@ -249,14 +252,6 @@ __attribute__((noinline)) PK_MATMUL_TARGET void axpy_tokens(const Chunks<V>& chu
   }
 }
 
-template <class V, int TT = V::kMaxTokens>
-PK_MATMUL_TARGET void axpy_group(int64_t group, const Chunks<V>& chunks, int64_t count,
-                                 const float* dy, float* acc, int64_t stride) {
-  if constexpr (TT > 1)
-    if (group < TT) return axpy_group<V, TT - 1>(group, chunks, count, dy, acc, stride);
-  axpy_tokens<V, TT>(chunks, count, dy, acc, stride);
-}
-
 template <class V>
 PK_MATMUL_TARGET void matvec_t(DType dtype, const NF4Matrix& w, const float* dy_t,
                                int64_t tokens, int64_t col_begin, int64_t col_end, void* dx) {
@@ -277,8 +272,10 @@ PK_MATMUL_TARGET void matvec_t(DType dtype, const NF4Matrix& w, const float* dy_
       const float* dy = dy_t + j * tokens;
       float* acc_copy = acc.data() + lead * tokens * strip;
       for (int64_t t0 = 0; t0 < tokens; t0 += V::kMaxTokens)
-        axpy_group<V>(std::min<int64_t>(V::kMaxTokens, tokens - t0), chunks, count, dy + t0,
-                      acc_copy + t0 * strip, strip);
+        with_token_count<V::kMaxTokens>(
+            std::min<int64_t>(V::kMaxTokens, tokens - t0), [&](auto tt) PK_MATMUL_TARGET {
+              axpy_tokens<V, tt>(chunks, count, dy + t0, acc_copy + t0 * strip, strip);
+            });
       for (int64_t t = 0; t < tokens; ++t) {
         if (lead) acc[size_t(t * strip)] += dy[t] * absmax.weight(start);
         for (int64_t r = tail; r < width; ++r)

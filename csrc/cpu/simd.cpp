@@ -21,6 +21,14 @@ bool simd_path_supported(SimdPath path) {
   }
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return simd_path_supported(SimdPath::AVX512) && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 SimdPath best_simd_path() {
   static const SimdPath best = simd_path_supported(SimdPath::AVX512) ? SimdPath::AVX512
                                : simd_path_supported(SimdPath::AVX2) ? SimdPath::AVX2

@@ -80,9 +80,9 @@ void cpu_matvec(DType dtype, const NF4View& w, const at::Tensor& x2, const at::T
   const int64_t tokens = x2.size(0);
   at::Tensor x_packed =
       at::empty({cpu::nf4_matvec_x_size(tokens, m.cols)}, x2.options().dtype(at::kFloat));
-  cpu::nf4_matvec_pack_x(dtype, x2.const_data_ptr(), tokens, m.cols,
-                         x_packed.mutable_data_ptr<float>());
   const cpu::SimdPath path = active_cpu_path();
+  cpu::nf4_matvec_pack_x(path, dtype, m, x2.const_data_ptr(), tokens,
+                         x_packed.mutable_data_ptr<float>());
   const void* b = bias.defined() ? bias.const_data_ptr() : nullptr;
   at::parallel_for(0, m.rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(m.cols, 1)),
                    [&](int64_t begin, int64_t end) {

@@ -15,6 +15,7 @@ namespace pykernels::cpu {
 enum class SimdPath : int32_t { Scalar = 0, AVX2 = 1, AVX512 = 2 };
 
 bool simd_path_supported(SimdPath path);  // by this CPU
+bool cpu_has_avx512_bf16();               // vdpbf16ps: bf16 pairs multiplied, summed in fp32
 SimdPath best_simd_path();                // best supported
 const char* simd_path_name(SimdPath path);
 
@@ -76,9 +77,14 @@ void nf4_dequantize_tile(SimdPath path, DType dtype, const NF4Matrix& w, int64_t
 // fp32 chunks of 32 columns, the 16 even columns first, then the 16 odd ones:
 // the order the packed nibbles decode in. When cols is odd, rows alternate
 // between starting on a high and a low nibble, and a second copy of x starting
-// at column 1 serves the rows that start on a low nibble.
-int64_t nf4_matvec_x_size(int64_t tokens, int64_t cols);  // floats
-void nf4_matvec_pack_x(DType dtype, const void* x, int64_t tokens, int64_t cols, float* x_packed);
+// at column 1 serves the rows that start on a low nibble. Where
+// nf4_matvec_bf16_dots(path, dtype, w) (the AVX-512 path on a CPU with BF16 dot
+// products, bf16 x, cols and blocksize multiples of 64), x stays bf16 instead:
+// steps of 64 columns, the 32 even ones first, then the 32 odd ones.
+bool nf4_matvec_bf16_dots(SimdPath path, DType dtype, const NF4Matrix& w);
+int64_t nf4_matvec_x_size(int64_t tokens, int64_t cols);  // floats, enough for either layout
+void nf4_matvec_pack_x(SimdPath path, DType dtype, const NF4Matrix& w, const void* x,
+                       int64_t tokens, float* x_packed);
 // y[t, j] = sum_i x[t, i] W[j, i] (+ bias[j]) for rows j in [row_begin, row_end);
 // y is [tokens, w.rows] and bias (nullable) [w.rows], both in dtype.
 void nf4_matvec(SimdPath path, DType dtype, const NF4Matrix& w, const float* x_packed,
