@@ -1,46 +1,20 @@
 // Autograd of the LoRA ops over a dense base (lora_linear) and an NF4 base
-// (qlora_linear), in C++: x, lora_A and lora_B get gradients from the matching
-// *_backward op; the base (W, or the NF4 state, and b) is frozen, and asking for
-// its gradients raises. In C++ rather than torch.library.register_autograd
-// because the Python registration costs ~80 us a layer and step (lora_linear,
-// fp32 64x64, 4 rows, one thread: forward + backward 116 us vs 36 us for the two
-// ops called directly; 69 us from C++), most of a small layer's step and, on a
-// GPU, most of a decoding step's host time. The ops are called through the
-// dispatcher, below autograd, so torch.compile traces them as it traces the ops.
-#include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
+// (qlora_linear), in C++ (why: autograd.h): x, lora_A and lora_B get gradients
+// from the matching *_backward op; the base (W, or the NF4 state, and b) is
+// frozen, and asking for its gradients raises.
 #include <ATen/ops/zeros.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <initializer_list>
-#include <optional>
 #include <tuple>
 #include <vector>
+
+#include "autograd.h"
 
 namespace pykernels::binding::lora {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
+using namespace autograd;
 using Grads = std::tuple<OptTensor, at::Tensor, at::Tensor>;  // grad_x, grad_A, grad_B
-
-template <class Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-void check_frozen(const char* op, std::initializer_list<OptTensor> base) {
-  for (const OptTensor& t : base)
-    TORCH_CHECK(!(t.has_value() && t->requires_grad()), op,
-                ": the base weight and bias are frozen and get no gradient; call "
-                "requires_grad_(False) on them before the forward");
-}
-
-// Saved optional tensors come back undefined where they were absent.
-at::Tensor saved_or_undefined(const OptTensor& t) { return t.value_or(at::Tensor()); }
-OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 // The output's gradient, zeros when only xa's was used.
 at::Tensor grad_out_or_zeros(const at::Tensor& grad, const at::Tensor& x, int64_t out_features) {
@@ -65,7 +39,7 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
                                const at::Tensor& weight, const OptTensor& bias,
                                const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
                                double dropout_p, const at::Tensor& seed) {
-    check_frozen("lora_linear", {weight, bias});
+    check_frozen("lora_linear", "the base weight and bias are", {weight, bias});
     static const auto op =
         op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                      const OptTensor&, const at::Tensor&,
@@ -103,7 +77,8 @@ struct QLoRALinearFunction : public torch::autograd::Function<QLoRALinearFunctio
                                const OptTensor& absmax_offset, const at::Tensor& lora_A,
                                const at::Tensor& lora_B, double scale, double dropout_p,
                                const at::Tensor& seed) {
-    check_frozen("qlora_linear", {packed, absmax, bias, absmax_scale, absmax_code, absmax_offset});
+    check_frozen("qlora_linear", "the base weight and bias are",
+                 {packed, absmax, bias, absmax_scale, absmax_code, absmax_offset});
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
         const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const at::Tensor&,

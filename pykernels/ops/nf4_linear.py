@@ -71,50 +71,5 @@ def _nf4_linear_grad_input_fake(grad_out, packed, absmax, blocksize, in_features
     return grad_out.new_empty((*grad_out.shape[:-1], in_features))
 
 
-# ---- autograd ----
-
-def _nf4_linear_setup(ctx, inputs, output):
-    x, packed, absmax, blocksize, out_features, bias, scale, code, offset = inputs
-    ctx.save_for_backward(packed, absmax, scale, code, offset)
-    ctx.blocksize = blocksize
-    ctx.in_features = x.shape[-1]
-    ctx.out_features = out_features
-
-
-def _needs_grad(ctx, index: int) -> bool:
-    # The dispatcher drops trailing arguments left at their defaults (bias=None,
-    # ...) before autograd sees them: needs_input_grad is that long.
-    return index < len(ctx.needs_input_grad) and ctx.needs_input_grad[index]
-
-
-def _nf4_linear_backward(ctx, grad):
-    packed, absmax, scale, code, offset = ctx.saved_tensors
-    grad_x = grad_bias = None
-    if _needs_grad(ctx, 0):
-        grad_x = _ops.nf4_linear_grad_input(grad, packed, absmax, ctx.blocksize, ctx.in_features,
-                                            scale, code, offset)
-    if _needs_grad(ctx, 5):
-        grad_bias = grad.reshape(-1, ctx.out_features).sum(0)
-    return grad_x, None, None, None, None, grad_bias, None, None, None
-
-
-def _nf4_linear_grad_input_setup(ctx, inputs, output):
-    grad_out, packed, absmax, blocksize, in_features, scale, code, offset = inputs
-    ctx.save_for_backward(packed, absmax, scale, code, offset)
-    ctx.blocksize = blocksize
-    ctx.out_features = grad_out.shape[-1]
-
-
-def _nf4_linear_grad_input_backward(ctx, grad):
-    packed, absmax, scale, code, offset = ctx.saved_tensors
-    grad_grad_out = None
-    if _needs_grad(ctx, 0):
-        grad_grad_out = _ops.nf4_linear(grad, packed, absmax, ctx.blocksize, ctx.out_features,
-                                        None, scale, code, offset)
-    return grad_grad_out, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("pykernels::nf4_linear", _nf4_linear_backward,
-                                setup_context=_nf4_linear_setup)
-torch.library.register_autograd("pykernels::nf4_linear_grad_input", _nf4_linear_grad_input_backward,
-                                setup_context=_nf4_linear_grad_input_setup)
+# Autograd: csrc/torch/nf4_linear_autograd.cpp (in C++: the Python registration
+# cost ~80 us a call; see csrc/torch/autograd.h).
