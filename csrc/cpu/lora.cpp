@@ -21,6 +21,7 @@
 // output is rounded to its dtype once.
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "lora_paths.h"
@@ -172,6 +173,27 @@ void lora_add_g_a(SimdPath path, DType dtype, const float* g, const void* a, int
       break;
   }
   lora_add_g_a_scalar(dtype, g, a, cols, rank, scale, d, row_begin, row_end, out, row_map);
+}
+
+namespace {
+void require_bf16_dots(const char* name) {
+  if (!cpu_has_avx512_bf16())
+    throw std::invalid_argument(std::string(name) + ": this CPU has no AVX512-BF16 dot products");
+}
+}  // namespace
+
+void bf16_dots(const uint16_t* x, const uint16_t* a, int64_t cols, int64_t rank, float alpha,
+               int64_t row_begin, int64_t row_end, uint16_t* out) {
+  require_bf16_dots("bf16_dots");
+  bf16_dots_avx512(x, a, cols, rank, alpha, row_begin, row_end, out);
+}
+
+void bf16_contract_rows(const uint16_t* g, const uint16_t* x, int64_t rows, int64_t cols,
+                        int64_t rank, float alpha, bool transposed_out, int64_t col_begin,
+                        int64_t col_end, uint16_t* out) {
+  require_bf16_dots("bf16_contract_rows");
+  bf16_contract_rows_avx512(g, x, rows, cols, rank, alpha, transposed_out, col_begin, col_end,
+                            out);
 }
 
 void dropout_keep_mask(const Dropout& d, int64_t cols, int64_t row_begin, int64_t row_end,

@@ -4,7 +4,11 @@
 #if defined(__x86_64__) || defined(_M_X64)
 // GCC 12 reports its own intrinsics' _mm*_undefined_* temporaries as maybe-uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "lora_paths.h"
 
@@ -106,6 +110,141 @@ namespace pykernels::cpu {
 
 PK_LORA_ENTRY_POINTS(avx512, x_at_any<Avx512>, gt_x_any<Avx512>, add_g_a_any<Avx512>)
 
+// ---- bf16_dots: out[t, k] = alpha * sum_i x[t, i] a[k, i], BF16 dot products ----
+//
+// vdpbf16ps multiplies pairs of bf16 lanes exactly and adds both products to an
+// fp32 lane: 32 multiply-adds an instruction, where the fp32 tiles above widen
+// every element first and do 16. A tile is kDotRows rows of x by kDotRanks rows
+// of a, 16 accumulators; a short last tile repeats its last row or rank and drops
+// the extra sums. xa = x A^T at T = 32, 4096 columns, rank 16, one core here (AMD
+// EPYC, Zen 4): at::mm (oneDNN) 68 us, the fp32 tiles 94 us, this 
+namespace {
+
+#define PK_BF16_DOTS \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+constexpr int64_t kDotRows = 4, kDotRanks = 4, kDotLanes = 32;
+
+// 32 bf16 from p, or the first n (zeros after) when n < 32.
+PK_BF16_DOTS inline __m512bh load_pairs(const uint16_t* p, int64_t n) {
+  if (n >= kDotLanes) return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
+  return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(__mmask32((1u << n) - 1), p));
+}
+
+PK_BF16_DOTS void dot_tile(const uint16_t* const* x, const uint16_t* const* a, int64_t cols,
+                           float (*sums)[kDotRanks]) {
+  __m512 acc[kDotRows][kDotRanks];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  auto step = [&](int64_t i, int64_t n) PK_BF16_DOTS {
+    __m512bh xv[kDotRows];
+    for (int64_t r = 0; r < kDotRows; ++r) xv[r] = load_pairs(x[r] + i, n);
+    for (int64_t k = 0; k < kDotRanks; ++k) {
+      const __m512bh av = load_pairs(a[k] + i, n);
+      for (int64_t r = 0; r < kDotRows; ++r) acc[r][k] = _mm512_dpbf16_ps(acc[r][k], xv[r], av);
+    }
+  };
+  int64_t i = 0;
+  for (; i + kDotLanes <= cols; i += kDotLanes) step(i, kDotLanes);
+  if (i < cols) step(i, cols - i);
+  for (int64_t r = 0; r < kDotRows; ++r)
+    for (int64_t k = 0; k < kDotRanks; ++k) sums[r][k] = _mm512_reduce_add_ps(acc[r][k]);
+}
+
+// ---- bf16_contract_rows: out[k, i] = alpha * sum_t g[t, k] x[t, i] ----
+//
+// The products that contract the rows (dA = dxa^T x, dB^T = s xa^T dy) pair rows
+// t and t + 1: their 32-column steps interleaved lane by lane (unpacklo/hi, within
+// 128-bit lanes: columns 8L + 0..3 in the low vector, 8L + 4..7 in the high one),
+// multiplied by the broadcast pair (g[t, k], g[t + 1, k]). A tile is one step of
+// columns by kContractRanks ranks (16 accumulators), summed over every row pair.
+constexpr int64_t kContractRanks = 8;
+
+// The tile's sums, alpha times, as bf16 in column order: words[k][c].
+PK_BF16_DOTS void contract_tile(const uint32_t* g_pairs, int64_t pairs, int64_t rank,
+                                const int64_t* ranks, const uint16_t* x, int64_t rows,
+                                int64_t cols, int64_t n, float alpha,
+                                uint16_t (*words)[kDotLanes]) {
+  __m512 acc[kContractRanks][2];
+#pragma GCC unroll 8
+  for (int64_t k = 0; k < kContractRanks; ++k) acc[k][0] = acc[k][1] = _mm512_setzero_ps();
+  static const uint16_t kZeroRow[kDotLanes] = {};  // the partner of an odd last row
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* second = 2 * p + 1 < rows ? x + (2 * p + 1) * cols : kZeroRow;
+    const __m512i a = reinterpret_cast<__m512i>(load_pairs(x + 2 * p * cols, n));
+    const __m512i b = reinterpret_cast<__m512i>(load_pairs(second, n));
+    const __m512bh low = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
+    const __m512bh high = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
+    const uint32_t* gp = g_pairs + p * rank;
+#pragma GCC unroll 8
+    for (int64_t k = 0; k < kContractRanks; ++k) {
+      const __m512bh gk = reinterpret_cast<__m512bh>(_mm512_set1_epi32(int(gp[ranks[k]])));
+      acc[k][0] = _mm512_dpbf16_ps(acc[k][0], low, gk);
+      acc[k][1] = _mm512_dpbf16_ps(acc[k][1], high, gk);
+    }
+  }
+  // Columns 8L + 0..3 sit in lanes 4L..4L + 3 of the low vector, 8L + 4..7 in the
+  // same lanes of the high one.
+  const __m512i first16 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i last16 =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512 scale = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8  // acc stays in registers only if no loop indexes it at run time
+  for (int64_t k = 0; k < kContractRanks; ++k) {
+    const __m512 lo = _mm512_permutex2var_ps(acc[k][0], first16, acc[k][1]);
+    const __m512 hi = _mm512_permutex2var_ps(acc[k][0], last16, acc[k][1]);
+    Avx512::store<DType::BF16>(words[k], _mm512_mul_ps(lo, scale));
+    Avx512::store<DType::BF16>(words[k] + 16, _mm512_mul_ps(hi, scale));
+  }
+}
+
+}  // namespace
+
+void bf16_contract_rows_avx512(const uint16_t* g, const uint16_t* x, int64_t rows, int64_t cols,
+                               int64_t rank, float alpha, bool transposed_out, int64_t col_begin,
+                               int64_t col_end, uint16_t* out) {
+  const int64_t pairs = (rows + 1) / 2;
+  std::vector<uint32_t> g_pairs(size_t(pairs * rank));  // (g[2p, k], g[2p + 1, k]), low word first
+  for (int64_t p = 0; p < pairs; ++p)
+    for (int64_t k = 0; k < rank; ++k) {
+      const uint32_t second = 2 * p + 1 < rows ? g[(2 * p + 1) * rank + k] : 0;
+      g_pairs[size_t(p * rank + k)] = g[2 * p * rank + k] | second << 16;
+    }
+  for (int64_t i = col_begin; i < col_end; i += kDotLanes) {
+    const int64_t n = std::min(kDotLanes, col_end - i);
+    for (int64_t k0 = 0; k0 < rank; k0 += kContractRanks) {
+      int64_t ranks[kContractRanks];
+      for (int64_t k = 0; k < kContractRanks; ++k) ranks[k] = std::min(k0 + k, rank - 1);
+      uint16_t words[kContractRanks][kDotLanes];
+      contract_tile(g_pairs.data(), pairs, rank, ranks, x + i, rows, cols, n, alpha, words);
+      const int64_t nk = std::min(kContractRanks, rank - k0);
+      if (transposed_out) {
+        for (int64_t c = 0; c < n; ++c)
+          for (int64_t k = 0; k < nk; ++k) out[(i + c) * rank + k0 + k] = words[k][c];
+      } else {
+        for (int64_t k = 0; k < nk; ++k)
+          std::copy(words[k], words[k] + n, out + (k0 + k) * cols + i);
+      }
+    }
+  }
+}
+
+void bf16_dots_avx512(const uint16_t* x, const uint16_t* a, int64_t cols, int64_t rank,
+                      float alpha, int64_t row_begin, int64_t row_end, uint16_t* out) {
+  for (int64_t t0 = row_begin; t0 < row_end; t0 += kDotRows)
+    for (int64_t k0 = 0; k0 < rank; k0 += kDotRanks) {
+      const uint16_t* xrow[kDotRows];
+      const uint16_t* arow[kDotRanks];
+      for (int64_t r = 0; r < kDotRows; ++r) xrow[r] = x + std::min(t0 + r, row_end - 1) * cols;
+      for (int64_t k = 0; k < kDotRanks; ++k) arow[k] = a + std::min(k0 + k, rank - 1) * cols;
+      float sums[kDotRows][kDotRanks];
+      dot_tile(xrow, arow, cols, sums);
+      for (int64_t r = 0; r < std::min(kDotRows, row_end - t0); ++r)
+        for (int64_t k = 0; k < std::min(kDotRanks, rank - k0); ++k)
+          store_from_float<DType::BF16>(out, (t0 + r) * rank + k0 + k, alpha * sums[r][k]);
+    }
+}
+
 }  // namespace pykernels::cpu
 
 #if defined(__clang__)
@@ -118,5 +257,9 @@ PK_LORA_ENTRY_POINTS(avx512, x_at_any<Avx512>, gt_x_any<Avx512>, add_g_a_any<Avx
 #include "lora_paths.h"
 namespace pykernels::cpu {
 PK_LORA_ENTRY_POINTS(avx512, lora_x_at_scalar, lora_gt_x_scalar, lora_add_g_a_scalar)
+void bf16_dots_avx512(const uint16_t*, const uint16_t*, int64_t, int64_t, float, int64_t, int64_t,
+                      uint16_t*) {}
+void bf16_contract_rows_avx512(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float,
+                               bool, int64_t, int64_t, uint16_t*) {}
 }  // namespace pykernels::cpu
 #endif

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "pykernels/cpu.h"
@@ -27,6 +28,8 @@ struct Buffer {
   Buffer(DType t, int64_t n) : dtype(t), bytes(size_t(n) * (t == DType::F32 ? 4 : 2)) {}
   void* data() { return bytes.data(); }
   const void* data() const { return bytes.data(); }
+  uint16_t* words() { return reinterpret_cast<uint16_t*>(bytes.data()); }  // 16-bit dtypes
+  const uint16_t* words() const { return reinterpret_cast<const uint16_t*>(bytes.data()); }
   float get(int64_t i) const {
     if (dtype == DType::F32) return reinterpret_cast<const float*>(bytes.data())[i];
     const uint16_t h = reinterpret_cast<const uint16_t*>(bytes.data())[i];
@@ -210,8 +213,92 @@ static void test_merge_unmerge_fp32() {
   }
 }
 
+// sum_j product(j) for j < n in double, and the sum of |product(j)|.
+struct ExactSum {
+  double sum = 0, magnitude = 0;
+};
+template <class Product>
+static ExactSum exact_sum(int64_t n, Product&& product) {
+  ExactSum e;
+  for (int64_t j = 0; j < n; ++j) {
+    const double p = product(j);
+    e.sum += p;
+    e.magnitude += std::fabs(p);
+  }
+  return e;
+}
+
+// One bf16 rounding of want, plus fp32 summation error on the sum of |products|.
+static bool within_bf16(double got, double want, double magnitude) {
+  return std::fabs(got - want) <= std::fabs(want) / 256 + magnitude * 1e-6;
+}
+
+// bf16_dots (where the CPU has BF16 dot products) against double-precision sums
+// on odd shapes (tails of columns, rows and ranks), in two row ranges: each
+// output within one bf16 rounding of alpha * the exact sum, plus fp32 summation
+// error on the sum of |products|.
+static void test_bf16_dots() {
+  if (!cpu::cpu_has_avx512_bf16()) return;
+  const Shape shapes[] = {{1, 1, 1}, {3, 31, 3}, {5, 33, 17}, {9, 100, 16}, {32, 4096, 16},
+                          {6, 64, 5}};
+  uint32_t seed = 7;
+  for (const Shape& s : shapes) {
+    const Buffer x = random_buffer(DType::BF16, s.rows * s.cols, seed++);
+    const Buffer a = random_buffer(DType::BF16, s.rank * s.cols, seed++);
+    Buffer out(DType::BF16, s.rows * s.rank);
+    const float alpha = 0.7f;
+    const int64_t mid = s.rows / 2;
+    cpu::bf16_dots(x.words(), a.words(), s.cols, s.rank, alpha, 0, mid, out.words());
+    cpu::bf16_dots(x.words(), a.words(), s.cols, s.rank, alpha, mid, s.rows, out.words());
+    for (int64_t t = 0; t < s.rows; ++t)
+      for (int64_t k = 0; k < s.rank; ++k) {
+        const ExactSum e = exact_sum(s.cols, [&](int64_t i) {
+          return double(x.get(t * s.cols + i)) * a.get(k * s.cols + i);
+        });
+        const double want = alpha * e.sum, got = out.get(t * s.rank + k);
+        CHECK(within_bf16(got, want, alpha * e.magnitude), "bf16_dots %lldx%lld r%lld: [%lld, %lld] %g vs %g",
+              (long long)s.rows, (long long)s.cols, (long long)s.rank, (long long)t, (long long)k,
+              got, want);
+      }
+  }
+}
+
+// bf16_contract_rows likewise: odd row counts (the last row pairs with zeros),
+// column tails, ranks that are not a multiple of the tile, both output layouts,
+// the columns in two ranges.
+static void test_bf16_contract_rows() {
+  if (!cpu::cpu_has_avx512_bf16()) return;
+  const Shape shapes[] = {{1, 1, 1}, {3, 31, 3}, {5, 33, 17}, {8, 100, 16}, {64, 4096, 16},
+                          {7, 70, 9}};
+  uint32_t seed = 11;
+  for (const Shape& s : shapes)
+    for (bool transposed : {false, true}) {
+      const Buffer g = random_buffer(DType::BF16, s.rows * s.rank, seed++);
+      const Buffer x = random_buffer(DType::BF16, s.rows * s.cols, seed++);
+      Buffer out(DType::BF16, s.rank * s.cols);
+      const float alpha = 1.3f;
+      const int64_t mid = s.cols / 3;
+      for (const auto [begin, end] : {std::pair<int64_t, int64_t>{0, mid}, {mid, s.cols}})
+        cpu::bf16_contract_rows(g.words(), x.words(), s.rows, s.cols, s.rank, alpha, transposed,
+                                begin, end, out.words());
+      for (int64_t k = 0; k < s.rank; ++k)
+        for (int64_t i = 0; i < s.cols; ++i) {
+          const ExactSum e = exact_sum(s.rows, [&](int64_t t) {
+            return double(g.get(t * s.rank + k)) * x.get(t * s.cols + i);
+          });
+          const double want = alpha * e.sum;
+          const double got = out.get(transposed ? i * s.rank + k : k * s.cols + i);
+          CHECK(within_bf16(got, want, alpha * e.magnitude), "bf16_contract_rows %lldx%lld r%lld%s: [%lld, %lld] %g vs %g", (long long)s.rows,
+                (long long)s.cols, (long long)s.rank, transposed ? " transposed" : "",
+                (long long)k, (long long)i, got, want);
+        }
+    }
+}
+
 int main() {
   test_paths_agree();
+  test_bf16_contract_rows();
+  test_bf16_dots();
   test_dropout_mask();
   test_merge_unmerge_fp32();
   if (failures) {

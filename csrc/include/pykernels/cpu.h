@@ -121,6 +121,21 @@ void lora_add_g_a(SimdPath path, DType dtype, const float* g, const void* a, int
                   int64_t rank, float scale, const Dropout& d, int64_t row_begin,
                   int64_t row_end, void* out, const int64_t* row_map = nullptr);
 
+// out[t, k] = alpha * sum_i x[t, i] a[k, i] for bf16 x [rows, cols], a [rank, cols] and
+// out [rows, rank], rows [row_begin, row_end): LoRA's down projections without dropout
+// (xa = x A^T, dxa = s dy B), with BF16 dot products: only where cpu_has_avx512_bf16().
+// Sums in fp32 (pairs of products added before the sum, so not the bits of
+// lora_x_at), scaled and rounded once.
+void bf16_dots(const uint16_t* x, const uint16_t* a, int64_t cols, int64_t rank, float alpha,
+               int64_t row_begin, int64_t row_end, uint16_t* out);
+// out[k, i] = alpha * sum_t g[t, k] x[t, i] for bf16 g [rows, rank], x [rows, cols],
+// out [rank, cols] (transposed_out: out[i, k], out [cols, rank]), columns
+// [col_begin, col_end): the contractions over rows without dropout (dA = dxa^T x,
+// dB = s dy^T xa), with BF16 dot products over pairs of rows; where bf16_dots runs.
+void bf16_contract_rows(const uint16_t* g, const uint16_t* x, int64_t rows, int64_t cols,
+                        int64_t rank, float alpha, bool transposed_out, int64_t col_begin,
+                        int64_t col_end, uint16_t* out);
+
 // keep[(t - row_begin) * cols + i] = 1 if element (t, i) is kept, else 0. Scalar: for
 // tests and the ops' float64 path.
 void dropout_keep_mask(const Dropout& d, int64_t cols, int64_t row_begin, int64_t row_end,
