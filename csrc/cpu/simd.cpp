@@ -29,6 +29,14 @@ bool cpu_has_avx512_bf16() {
 #endif
 }
 
+bool cpu_has_amx_bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return __builtin_cpu_supports("amx-bf16");
+#else
+  return false;
+#endif
+}
+
 SimdPath best_simd_path() {
   static const SimdPath best = simd_path_supported(SimdPath::AVX512) ? SimdPath::AVX512
                                : simd_path_supported(SimdPath::AVX2) ? SimdPath::AVX2

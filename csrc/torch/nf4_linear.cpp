@@ -19,19 +19,34 @@
 namespace pykernels::binding {
 namespace {
 
+cpu::NF4Matrix cpu_matrix(const NF4View& w) {
+  // The offset lives in host memory here: reading it waits for nothing.
+  return nf4_matrix<cpu::NF4Matrix>(
+      w, w.double_quant() ? *w.absmax_offset.const_data_ptr<float>() : 0.0f);
+}
+
 // The fused kernels run up to this many tokens, tiles + at::mm above: where
-// the two cross at 4096x4096 on one core here (ms fused / tiled, at the
-// threshold and at the next count measured):
+// the two cross at 4096x4096 on one core of an Intel machine with AMX (ms fused /
+// tiled, at the threshold and at the next count measured):
 //   bf16 forward  8 (6.7 / 7.9, 10: 8.0 / 7.1)   backward  6 (6.4 / 9.5, 8: 14.4 / 11.1)
 //   fp16 forward 16 (12.0 / 12.6, 20: 14.7 / 13.5) backward 6 (9.3 / 10.3, 8: 16.5 / 11.2)
 //   fp32 forward 24 (19.7 / 20.6, 32: 23.5 / 21.2) backward 12 (12.5 / 14.3, 16: 18.8 / 15.5)
-// The GEMM decides: on a dense W, at::mm does ~830 GFLOP/s a core in bf16 here
-// (AMX), ~110 in fp32; machines without AMX want higher bf16 thresholds. The
+// The GEMM decides: on a dense W, at::mm does ~830 GFLOP/s a core in bf16 there
+// (AMX), ~110 in fp32. Without AMX, where the bf16 forward takes BF16 dot products
+// (AMD EPYC, Zen 4: at::mm ~150 GFLOP/s a core in bf16 at these shapes), the
+// forward hands over at 16: 12: 3.71 / 4.99, 16: 4.90 / 4.95, 24: 7.32 / 6.11
+// (bf16 backward and fp32 forward cross where they do above; fp32's backward
+// earlier, 8: 12.5 / 9.5, left at 12 until measured on more machines). The
 // backward's fused kernel loads and stores its accumulators per chunk, so it
 // hands over earlier than the forward.
-int64_t fused_max_tokens(DType dtype, bool backward) {
+int64_t fused_max_tokens(DType dtype, const NF4View& w, bool backward) {
   switch (dtype) {
-    case DType::BF16: return backward ? 6 : 8;
+    case DType::BF16:
+      if (backward) return 6;
+      return !cpu::cpu_has_amx_bf16() &&
+                     cpu::nf4_matvec_bf16_dots(active_cpu_path(), dtype, cpu_matrix(w))
+                 ? 16
+                 : 8;
     case DType::F16: return backward ? 6 : 16;
     case DType::F32: break;
   }
@@ -47,12 +62,6 @@ int64_t fused_max_tokens(DType dtype, bool backward) {
 // tiles also means fewer thread hand-offs: with 2 threads on a loaded machine
 // each tile's parallel regions wait for a scheduler tick (2^18: 1.5 s, 2^22: 61 ms).
 constexpr int64_t kTileBytes = int64_t(8) << 20;
-
-cpu::NF4Matrix cpu_matrix(const NF4View& w) {
-  // The offset lives in host memory here: reading it waits for nothing.
-  return nf4_matrix<cpu::NF4Matrix>(
-      w, w.double_quant() ? *w.absmax_offset.const_data_ptr<float>() : 0.0f);
-}
 
 // Threads over rows; each decoded row is scaled by in_scale[col_begin:col_end]
 // while it is still in cache.
@@ -192,7 +201,7 @@ at::Tensor nf4_linear_forward(const char* op, const at::Tensor& x, const NF4View
   at::Tensor x2 = x.reshape({tokens, w.in_features}).contiguous();
   at::Tensor y = at::empty({tokens, w.out_features}, x.options());
   if (tokens == 0 || w.out_features == 0) return y.view(with_last_dim(x, w.out_features));
-  if (tokens <= k.fused_max_tokens(dtype, false)) {
+  if (tokens <= k.fused_max_tokens(dtype, w, false)) {
     if (in_scale.defined()) x2 = ia3::ia3_scale(x2, std::nullopt, in_scale);
     k.matvec(dtype, w, x2, b, y);
   } else {
@@ -214,7 +223,7 @@ at::Tensor nf4_linear_backward_input(const char* op, const at::Tensor& dy, const
   const at::Tensor dy2 = dy.reshape({tokens, w.out_features}).contiguous();
   at::Tensor dx = at::empty({tokens, w.in_features}, dy.options());
   if (tokens == 0 || w.in_features == 0) return dx.view(with_last_dim(dy, w.in_features));
-  if (tokens <= k.fused_max_tokens(dtype, true)) {
+  if (tokens <= k.fused_max_tokens(dtype, w, true)) {
     k.matvec_t(dtype, w, dy2, dx);
   } else {
     auto decode = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, at::Tensor& tile) {

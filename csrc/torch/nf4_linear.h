@@ -63,8 +63,8 @@ M nf4_matrix(const NF4View& w, decltype(M::absmax_offset) offset) {
 // dtype (fp32, fp16 or bf16); outputs are allocated by the caller, and nothing
 // is called with zero tokens or an empty W.
 struct NF4Kernels {
-  // The largest token count the fused kernels take (forward or backward).
-  int64_t (*fused_max_tokens)(DType dtype, bool backward);
+  // The largest token count the fused kernels take (forward or backward) on w.
+  int64_t (*fused_max_tokens)(DType dtype, const NF4View& w, bool backward);
   int64_t tile_bytes;  // bytes of W decoded per tile on the many-token path
   // y [T, out] = x2 [T, in]·Wᵀ (+ bias [out] when defined), fused.
   void (*matvec)(DType dtype, const NF4View& w, const at::Tensor& x2, const at::Tensor& bias,

@@ -30,7 +30,7 @@ cuda::NF4Matrix cuda_matrix(const NF4View& w) {
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // The fused kernels keep their per-token sums in registers, up to the bound.
-int64_t cuda_fused_max_tokens(DType, bool) { return cuda::kNF4MatvecMaxTokens; }
+int64_t cuda_fused_max_tokens(DType, const NF4View&, bool) { return cuda::kNF4MatvecMaxTokens; }
 
 void cuda_matvec(DType dtype, const NF4View& w, const at::Tensor& x2, const at::Tensor& bias,
                  at::Tensor& y) {
