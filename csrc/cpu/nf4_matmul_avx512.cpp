@@ -97,6 +97,8 @@ namespace {
 // x of one token group, for a span of columns, stays within 32 KB of L1.
 constexpr int64_t kXBf16 = 16384;
 
+PK_BF16_TARGET inline __m512bh as_bf16(__m512i v) { return reinterpret_cast<__m512bh>(v); }
+
 PK_BF16_TARGET __m512i bf16_code_table() {
   const __m512 code = _mm512_loadu_ps(kNF4Code);
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(code, code));
@@ -125,15 +127,14 @@ __attribute__((noinline)) PK_BF16_TARGET void dot_steps(const uint8_t* bytes, co
       __builtin_prefetch(p + kMatvecPrefetchBytes);
       const __m512i nibbles =
           _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      const __m512bh even =
-          reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(_mm512_srli_epi16(nibbles, 4), table));
-      const __m512bh odd = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(nibbles, table));
+      const __m512bh even = as_bf16(_mm512_permutexvar_epi16(_mm512_srli_epi16(nibbles, 4), table));
+      const __m512bh odd = as_bf16(_mm512_permutexvar_epi16(nibbles, table));
 #pragma GCC unroll 8
       for (int tt = 0; tt < TT; ++tt) {
         const uint16_t* xs = x + tt * stride + s * kBf16Step;
-        block[tt] = _mm512_dpbf16_ps(block[tt], even, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xs)));
-        block[tt] = _mm512_dpbf16_ps(block[tt], odd,
-                                     reinterpret_cast<__m512bh>(_mm512_loadu_si512(xs + kBf16Step / 2)));
+        block[tt] = _mm512_dpbf16_ps(block[tt], even, as_bf16(_mm512_loadu_si512(xs)));
+        block[tt] =
+            _mm512_dpbf16_ps(block[tt], odd, as_bf16(_mm512_loadu_si512(xs + kBf16Step / 2)));
       }
     }
     const __m512 scale = _mm512_set1_ps(*absmax++);

@@ -38,7 +38,8 @@ struct SavedWeight {
   static void save(const char* op, AutogradContext* ctx, const at::Tensor& packed,
                    const at::Tensor& absmax, const OptTensor& scale, const OptTensor& code,
                    const OptTensor& offset, int64_t blocksize, int64_t features) {
-    check_frozen(op, "the NF4 weight's codes and absmax are", {packed, absmax, scale, code, offset});
+    check_frozen(op, "the NF4 weight's codes and absmax are",
+                 {packed, absmax, scale, code, offset});
     ctx->save_for_backward({packed, absmax, saved_or_undefined(scale), saved_or_undefined(code),
                             saved_or_undefined(offset)});
     ctx->saved_data["blocksize"] = blocksize;

@@ -256,7 +256,8 @@ static void test_bf16_dots() {
           return double(x.get(t * s.cols + i)) * a.get(k * s.cols + i);
         });
         const double want = alpha * e.sum, got = out.get(t * s.rank + k);
-        CHECK(within_bf16(got, want, alpha * e.magnitude), "bf16_dots %lldx%lld r%lld: [%lld, %lld] %g vs %g",
+        CHECK(within_bf16(got, want, alpha * e.magnitude),
+              "bf16_dots %lldx%lld r%lld: [%lld, %lld] %g vs %g",
               (long long)s.rows, (long long)s.cols, (long long)s.rank, (long long)t, (long long)k,
               got, want);
       }
@@ -278,7 +279,7 @@ static void test_bf16_contract_rows() {
       Buffer out(DType::BF16, s.rank * s.cols);
       const float alpha = 1.3f;
       const int64_t mid = s.cols / 3;
-      for (const auto [begin, end] : {std::pair<int64_t, int64_t>{0, mid}, {mid, s.cols}})
+      for (const auto& [begin, end] : {std::pair<int64_t, int64_t>{0, mid}, {mid, s.cols}})
         cpu::bf16_contract_rows(g.words(), x.words(), s.rows, s.cols, s.rank, alpha, transposed,
                                 begin, end, out.words());
       for (int64_t k = 0; k < s.rank; ++k)
@@ -288,7 +289,8 @@ static void test_bf16_contract_rows() {
           });
           const double want = alpha * e.sum;
           const double got = out.get(transposed ? i * s.rank + k : k * s.cols + i);
-          CHECK(within_bf16(got, want, alpha * e.magnitude), "bf16_contract_rows %lldx%lld r%lld%s: [%lld, %lld] %g vs %g", (long long)s.rows,
+          CHECK(within_bf16(got, want, alpha * e.magnitude),
+                "bf16_contract_rows %lldx%lld r%lld%s: [%lld, %lld] %g vs %g", (long long)s.rows,
                 (long long)s.cols, (long long)s.rank, transposed ? " transposed" : "",
                 (long long)k, (long long)i, got, want);
         }

@@ -138,7 +138,8 @@ static void test_matvec(const Weight& w, int64_t tokens, DType d) {
             magnitude += std::fabs(p);
           }
           const float got = get(d, y, t * w.rows + j);
-          CHECK(close(d, got, want, magnitude, bf16_dots ? 1.0 / 512 : 0.0), "matvec %s %lldx%lld bs %lld T %lld dtype %d: y[%lld,%lld] %g vs %g",
+          CHECK(close(d, got, want, magnitude, bf16_dots ? 1.0 / 512 : 0.0),
+                "matvec %s %lldx%lld bs %lld T %lld dtype %d: y[%lld,%lld] %g vs %g",
                 cpu::simd_path_name(path), (long long)w.rows, (long long)w.cols, (long long)w.blocksize,
                 (long long)tokens, int(d), (long long)t, (long long)j, got, want);
         }
