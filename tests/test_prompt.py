@@ -1,5 +1,6 @@
 """Prompt tuning: prompt_embed against pykernels.reference (every dtype, odd
-shapes, gradients, opcheck, bad input), PromptEmbedding's init modes, and the
+shapes, gradients, opcheck, bad input; its CPU and CUDA kernels, the latter
+marked cuda), PromptEmbedding's init modes, and the
 wrapped causal LM against peft's PromptTuning on a tiny Llama: logits, loss,
 gradients (with padding and attention masks) and greedy generate."""
 import copy
@@ -12,16 +13,19 @@ from pykernels import ops, reference
 from pykernels.nn import PromptEmbedding, PromptTuningLM, prompt_tuning
 
 VOCAB, DIM, N = 101, 64, 5
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # the op's two kernels
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 4), (2, 0, 3), (0, 4, 2)])  # B, S, n
-def test_op_matches_reference(dtype, shape):
+def test_op_matches_reference(dtype, shape, device):
     b, s, n = shape
-    weight = torch.randn(VOCAB, 33).to(dtype)
-    prompt = torch.randn(n, 33).to(dtype).requires_grad_(True)
-    ids = torch.randint(0, VOCAB, (b, s))
+    weight = torch.randn(VOCAB, 33).to(device, dtype)
+    prompt = torch.randn(n, 33).to(device, dtype).requires_grad_(True)
+    ids = torch.randint(0, VOCAB, (b, s), device=device)
     out = ops.prompt_embed(ids, weight, prompt)
+    assert out.device == weight.device
     ref = reference.prompt_embed(ids, weight, prompt)
     assert out.dtype == dtype and torch.equal(out, ref)  # a gather: exact
     g = torch.randn(out.shape).to(dtype)
@@ -30,27 +34,45 @@ def test_op_matches_reference(dtype, shape):
     torch.testing.assert_close(grad, grad_ref)
 
 
-def test_non_contiguous_ids_and_weight_grad():
-    weight = torch.randn(VOCAB, 8, dtype=torch.float64, requires_grad=True)
-    prompt = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
-    ids = torch.randint(0, VOCAB, (6, 4)).t()  # [4, 6], non-contiguous
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_ids_and_weight_grad(device):
+    weight = torch.randn(VOCAB, 8, dtype=torch.float64, device=device, requires_grad=True)
+    prompt = torch.randn(3, 8, dtype=torch.float64, device=device, requires_grad=True)
+    ids = torch.randint(0, VOCAB, (6, 4), device=device).t()  # [4, 6], non-contiguous
     assert torch.equal(ops.prompt_embed(ids, weight, prompt), reference.prompt_embed(ids, weight, prompt))
     assert torch.autograd.gradcheck(lambda w, p: ops.prompt_embed(ids, w, p), (weight, prompt))
 
 
-def test_opcheck():
-    weight = torch.randn(VOCAB, 8)
-    prompt = torch.randn(3, 8, requires_grad=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    weight = torch.randn(VOCAB, 8, device=device)
+    prompt = torch.randn(3, 8, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.pykernels.prompt_embed.default,
-                          (torch.randint(0, VOCAB, (2, 5)), weight, prompt))
+                          (torch.randint(0, VOCAB, (2, 5), device=device), weight, prompt))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_ids(device):
+    """Found by the kernel on either device, named by position, and the op still
+    works after (on CUDA the error is raised once the stream has been read)."""
+    weight, prompt = torch.randn(VOCAB, 8, device=device), torch.randn(3, 8, device=device)
+    with pytest.raises(ValueError, match=r"input_ids\[1, 2\] = 101 is outside the vocabulary \[0, 101\)"):
+        ops.prompt_embed(torch.tensor([[0, 1, 2], [3, 4, 101]], device=device), weight, prompt)
+    with pytest.raises(ValueError, match=r"input_ids\[0, 0\] = -1"):
+        ops.prompt_embed(torch.tensor([[-1]], device=device), weight, prompt)
+    ids = torch.tensor([[0, 100]], device=device)
+    assert torch.equal(ops.prompt_embed(ids, weight, prompt), reference.prompt_embed(ids, weight, prompt))
+
+
+@pytest.mark.cuda
+def test_cuda_rejects_ids_on_another_device():
+    weight, prompt = torch.randn(VOCAB, 8, device="cuda"), torch.randn(3, 8, device="cuda")
+    with pytest.raises(ValueError, match="input_ids"):
+        ops.prompt_embed(torch.tensor([[1]]), weight, prompt)
 
 
 def test_bad_input():
     weight, prompt = torch.randn(VOCAB, 8), torch.randn(3, 8)
-    with pytest.raises(ValueError, match=r"input_ids\[1, 2\] = 101 is outside the vocabulary \[0, 101\)"):
-        ops.prompt_embed(torch.tensor([[0, 1, 2], [3, 4, 101]]), weight, prompt)
-    with pytest.raises(ValueError, match=r"input_ids\[0, 0\] = -1"):
-        ops.prompt_embed(torch.tensor([[-1]]), weight, prompt)
     with pytest.raises(TypeError, match="input_ids must be int64"):
         ops.prompt_embed(torch.tensor([[1]], dtype=torch.int32), weight, prompt)
     with pytest.raises(TypeError, match="prompt must have weight's dtype"):
