@@ -84,8 +84,8 @@ int64_t nf4_matvec_x_size(int64_t tokens, int64_t cols) {
 }
 
 bool nf4_matvec_bf16_dots(SimdPath path, DType dtype, const NF4Matrix& w) {
-  return path == SimdPath::AVX512 && dtype == DType::BF16 && w.cols % kBf16Step == 0 &&
-         w.blocksize % kBf16Step == 0 && cpu_has_avx512_bf16();
+  return bf16_dots_run(path) && dtype == DType::BF16 && w.cols % kBf16Step == 0 &&
+         w.blocksize % kBf16Step == 0;
 }
 
 void nf4_matvec_pack_x(SimdPath path, DType dtype, const NF4Matrix& w, const void* x,

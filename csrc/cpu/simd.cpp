@@ -21,9 +21,12 @@ bool simd_path_supported(SimdPath path) {
   }
 }
 
+// Read once: the ops ask on every call.
 bool cpu_has_avx512_bf16() {
 #if defined(__x86_64__) || defined(_M_X64)
-  return simd_path_supported(SimdPath::AVX512) && __builtin_cpu_supports("avx512bf16");
+  static const bool has =
+      simd_path_supported(SimdPath::AVX512) && __builtin_cpu_supports("avx512bf16");
+  return has;
 #else
   return false;
 #endif
@@ -31,11 +34,14 @@ bool cpu_has_avx512_bf16() {
 
 bool cpu_has_amx_bf16() {
 #if defined(__x86_64__) || defined(_M_X64)
-  return __builtin_cpu_supports("amx-bf16");
+  static const bool has = __builtin_cpu_supports("amx-bf16");
+  return has;
 #else
   return false;
 #endif
 }
+
+bool bf16_dots_run(SimdPath path) { return path == SimdPath::AVX512 && cpu_has_avx512_bf16(); }
 
 SimdPath best_simd_path() {
   static const SimdPath best = simd_path_supported(SimdPath::AVX512) ? SimdPath::AVX512

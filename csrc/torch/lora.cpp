@@ -113,7 +113,7 @@ bool fused(const Dropout& d, const at::Tensor& t) {
 // fwd+bwd over the base at T = 512 without x grad, one thread: 1.059 -> 1.045.
 bool bf16_dots_win(const Dropout& d, const at::Tensor& x) {
   return !d.active() && x.is_cpu() && x.scalar_type() == at::kBFloat16 &&
-         active_cpu_path() == cpu::SimdPath::AVX512 && cpu::cpu_has_avx512_bf16();
+         cpu::bf16_dots_run(active_cpu_path());
 }
 
 // alpha g^T x2d for g [rows, rank]: [rank, cols], or its transpose [cols, rank], by

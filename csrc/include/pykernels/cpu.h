@@ -17,6 +17,7 @@ enum class SimdPath : int32_t { Scalar = 0, AVX2 = 1, AVX512 = 2 };
 bool simd_path_supported(SimdPath path);  // by this CPU
 bool cpu_has_avx512_bf16();               // vdpbf16ps: bf16 pairs multiplied, summed in fp32
 bool cpu_has_amx_bf16();                  // AMX tiles: the matmul library's bf16 GEMM is ~5x faster
+bool bf16_dots_run(SimdPath path);        // path is AVX-512 and the CPU has BF16 dot products
 SimdPath best_simd_path();                // best supported
 const char* simd_path_name(SimdPath path);
 
