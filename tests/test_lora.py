@@ -47,10 +47,10 @@ def forward_backward(fn, x, w, b, a, bb, dy, x_grad=True):
 
 
 def check_against_reference(lead, n_in, n_out, r, dtype, p, seed=5, scale=1.7, x_grad=True,
-                            device="cpu"):
+                            device="cpu", bias=True):
     """The op on ``device`` against reference.lora_linear by the tolerance rule, forward
     and every gradient (tests/test_lora_cuda.py runs it with device="cuda")."""
-    x, w, b, a, bb = make_inputs(lead, n_in, n_out, r, dtype)
+    x, w, b, a, bb = make_inputs(lead, n_in, n_out, r, dtype, bias=bias)
     dy = torch.randn(*lead, n_out, generator=torch.Generator().manual_seed(1)).to(dtype)
     mask = ops.lora_dropout_mask(x.shape, p, seed) if p > 0 else None
     on = lambda dt, dev: [None if t is None else t.to(dev, dt) for t in (x, w, b, a, bb, dy)]
@@ -94,11 +94,13 @@ def test_float64():
     check_against_reference((4, 3), 33, 17, 5, torch.float64, 0.3)
 
 
-def test_no_bias_and_empty_batch():
-    check_against_reference((6,), 40, 30, 2, torch.float32, 0.1)
-    x, w, _, a, bb = make_inputs((0,), 40, 30, 2, torch.float32)
-    y, dx, da, db = forward_backward(lambda *t: ops.lora_linear(*t, 2.0, 0.5, 3), x, w, None, a, bb,
-                                     torch.zeros(0, 30))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_no_bias_and_empty_batch(dtype, p):
+    check_against_reference((6,), 40, 30, 3, dtype, p, bias=False)
+    x, w, _, a, bb = make_inputs((0,), 40, 30, 2, dtype)
+    y, dx, da, db = forward_backward(lambda *t: ops.lora_linear(*t, 2.0, p, 3), x, w, None, a, bb,
+                                     torch.zeros(0, 30, dtype=dtype))
     assert y.shape == (0, 30) and dx.shape == (0, 40)
     assert torch.equal(da, torch.zeros_like(da)) and torch.equal(db, torch.zeros_like(db))
 

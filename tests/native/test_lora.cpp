@@ -264,6 +264,26 @@ static void test_bf16_dots() {
   }
 }
 
+// bf16_transpose: every word moved exactly, on shapes with row tails of the 8-row
+// tile and column tails of the 32-column one, in two row ranges.
+static void test_bf16_transpose() {
+  if (!cpu::cpu_has_avx512_bf16()) return;
+  const std::pair<int64_t, int64_t> shapes[] = {{1, 1}, {7, 3}, {9, 33}, {4096, 16}, {13, 70}};
+  uint32_t seed = 19;
+  for (const auto& [rows, cols] : shapes) {
+    const Buffer src = random_buffer(DType::BF16, rows * cols, seed++);
+    Buffer dst(DType::BF16, rows * cols);
+    const int64_t mid = rows / 3;
+    cpu::bf16_transpose(src.words(), rows, cols, 0, mid, dst.words());
+    cpu::bf16_transpose(src.words(), rows, cols, mid, rows, dst.words());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        CHECK(dst.words()[c * rows + r] == src.words()[r * cols + c],
+              "bf16_transpose %lldx%lld: [%lld, %lld]", (long long)rows, (long long)cols,
+              (long long)r, (long long)c);
+  }
+}
+
 // bf16_contract_rows likewise: odd row counts (the last row pairs with zeros),
 // column tails, ranks that are not a multiple of the tile, both output layouts,
 // the columns in two ranges.
@@ -297,10 +317,52 @@ static void test_bf16_contract_rows() {
     }
 }
 
+// bf16_expand likewise, with no addend, a bias (stride 0) and in place (the addend
+// is the output, stride cols): odd ranks (the last pairs with zero), column tails of
+// the 16 lanes, row counts over and under the 4-row tile, the columns in two ranges.
+static void test_bf16_expand() {
+  if (!cpu::cpu_has_avx512_bf16()) return;
+  const Shape shapes[] = {{1, 1, 1}, {3, 31, 3}, {5, 33, 17}, {9, 100, 16}, {32, 4096, 16},
+                          {6, 70, 2}};
+  enum Addend { kNone, kBias, kInPlace };
+  uint32_t seed = 17;
+  for (const Shape& s : shapes)
+    for (Addend mode : {kNone, kBias, kInPlace}) {
+      const Buffer g = random_buffer(DType::BF16, s.rows * s.rank, seed++);
+      const Buffer b = random_buffer(DType::BF16, s.cols * s.rank, seed++);
+      const Buffer bias = random_buffer(DType::BF16, s.cols, seed++);
+      const Buffer before = random_buffer(DType::BF16, s.rows * s.cols, seed++);
+      Buffer out = before;
+      const uint16_t* addend = mode == kBias ? bias.words() : mode == kInPlace ? out.words() : nullptr;
+      const int64_t stride = mode == kInPlace ? s.cols : 0;
+      const float alpha = 1.7f;
+      const int64_t mid = s.cols / 3;
+      for (const auto& [begin, end] : {std::pair<int64_t, int64_t>{0, mid}, {mid, s.cols}})
+        cpu::bf16_expand(g.words(), b.words(), addend, stride, s.rows, s.cols, s.rank, alpha,
+                         begin, end, out.words());
+      for (int64_t t = 0; t < s.rows; ++t)
+        for (int64_t i = 0; i < s.cols; ++i) {
+          const ExactSum e = exact_sum(s.rank, [&](int64_t k) {
+            return double(g.get(t * s.rank + k)) * b.get(i * s.rank + k);
+          });
+          const double base = mode == kBias      ? bias.get(i)
+                              : mode == kInPlace ? before.get(t * s.cols + i)
+                                                 : 0.0;
+          const double want = base + alpha * e.sum, got = out.get(t * s.cols + i);
+          CHECK(within_bf16(got, want, alpha * e.magnitude),
+                "bf16_expand %lldx%lld r%lld addend %d: [%lld, %lld] %g vs %g",
+                (long long)s.rows, (long long)s.cols, (long long)s.rank, int(mode), (long long)t,
+                (long long)i, got, want);
+        }
+    }
+}
+
 int main() {
   test_paths_agree();
   test_bf16_contract_rows();
   test_bf16_dots();
+  test_bf16_transpose();
+  test_bf16_expand();
   test_dropout_mask();
   test_merge_unmerge_fp32();
   if (failures) {
