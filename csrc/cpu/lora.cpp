@@ -202,11 +202,12 @@ void bf16_transpose(const uint16_t* src, int64_t rows, int64_t cols, int64_t row
   bf16_transpose_avx512(src, rows, cols, row_begin, row_end, dst);
 }
 
-void bf16_expand(const uint16_t* g, const uint16_t* b, const uint16_t* addend, int64_t stride,
-                 int64_t rows, int64_t cols, int64_t rank, float alpha, int64_t col_begin,
-                 int64_t col_end, uint16_t* out) {
+void bf16_expand(const uint16_t* g, const uint16_t* b, bool b_transposed, const uint16_t* addend,
+                 int64_t stride, int64_t rows, int64_t cols, int64_t rank, float alpha,
+                 int64_t col_begin, int64_t col_end, uint16_t* out) {
   require_bf16_dots("bf16_expand");
-  bf16_expand_avx512(g, b, addend, stride, rows, cols, rank, alpha, col_begin, col_end, out);
+  bf16_expand_avx512(g, b, b_transposed, addend, stride, rows, cols, rank, alpha, col_begin,
+                     col_end, out);
 }
 
 void dropout_keep_mask(const Dropout& d, int64_t cols, int64_t row_begin, int64_t row_end,

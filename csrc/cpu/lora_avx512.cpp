@@ -299,38 +299,63 @@ PK_BF16_DOTS inline __m512bh broadcast_pair(const uint16_t* p, bool single) {
   return reinterpret_cast<__m512bh>(_mm512_set1_epi32(int(pair)));
 }
 
+// n <= 16 words from p (zeros after), each zero-extended to 32 bits.
+PK_BF16_DOTS inline __m512i widen_words(const uint16_t* p, __mmask16 lanes) {
+  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, p));
+}
+
 // ---- bf16_expand: out[t, i] = addend[t * stride + i] + alpha * sum_k g[t, k] b[i, k] ----
 //
-// LoRA's up projection y = b + s xa B^T (stride 0: the base GEMM then accumulates
-// onto y) or y += s xa B^T (addend = out), from B [cols, rank] as stored: 16
-// columns in the lanes, pairs of ranks (b[i, 2j], b[i, 2j + 1]) gathered once per
-// 16 columns, against the broadcast pair (g[t, 2j], g[t, 2j + 1]); an odd last
-// rank pairs with zero. 4096 columns, rank 16, one core, T = 1 / 32: 14 / 50 us
-// (at::addmm 35 / 57 us; after the base GEMM has swept the caches, 240 us at T = 32
-// against 75).
+// LoRA's rank-r expansions: y = b + s xa B^T (stride 0: the base GEMM then
+// accumulates onto y), y += s xa B^T and dx += dxa A (addend = out), from B
+// [cols, rank] or A [rank, cols] (b_transposed) as stored: 16 columns in the lanes,
+// pairs of ranks (b[i, 2j], b[i, 2j + 1]) packed once per 16 columns (gathered
+// from B's rows, interleaved from A's), against the broadcast pair (g[t, 2j],
+// g[t, 2j + 1]); an odd last rank pairs with zero. 4096 columns, rank 16, one core,
+// T = 1 / 32 / 128: 14 / 37 / 113 us (at::addmm 35 / 57 / 126 us; after the base
+// GEMM has swept the caches, at::addmm takes 240 us at T = 32, this 67).
+// Two blocks of 16 columns a tile, so that each broadcast pair feeds two dot
+// products (one a product: 50 us at T = 32; two: 37 us).
+constexpr int64_t kExpandBlocks = 2;
+
 template <int64_t R>
 PK_BF16_DOTS void expand_rows(const uint16_t* g, const uint32_t* packed, int64_t pairs,
                               int64_t rank, const uint16_t* addend, int64_t stride, float alpha,
-                              int64_t t0, int64_t cols, int64_t i0, __mmask16 lanes,
-                              uint16_t* out) {
-  __m512 acc[R];
-  for (auto& v : acc) v = _mm512_setzero_ps();
+                              int64_t t0, int64_t cols, int64_t i0,
+                              const __mmask16 (&lanes)[kExpandBlocks], uint16_t* out) {
+  __m512 acc[R][kExpandBlocks];
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   auto step = [&](int64_t j, bool single) PK_BF16_DOTS {
-    const __m512bh bj = reinterpret_cast<__m512bh>(_mm512_loadu_si512(packed + 16 * j));
-    for (int64_t r = 0; r < R; ++r)
-      acc[r] = _mm512_dpbf16_ps(acc[r], broadcast_pair(g + (t0 + r) * rank + 2 * j, single), bj);
+    const uint32_t* pj = packed + j * kExpandBlocks * 16;
+    const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pj));
+    const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pj + 16));
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < R; ++r) {
+      const __m512bh gp = broadcast_pair(g + (t0 + r) * rank + 2 * j, single);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], gp, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], gp, b1);
+    }
   };
   for (int64_t j = 0; j < rank / 2; ++j) step(j, false);
   if (rank % 2 == 1) step(pairs - 1, true);
   const __m512 scale = _mm512_set1_ps(alpha);
-  for (int64_t r = 0; r < R; ++r) {
-    const __m512 base =
-        addend ? Avx512::widen<DType::BF16>(
-                     _mm256_maskz_loadu_epi16(lanes, addend + (t0 + r) * stride + i0))
-               : _mm512_setzero_ps();
-    _mm256_mask_storeu_epi16(out + (t0 + r) * cols + i0, lanes,
-                             to_bf16(_mm512_fmadd_ps(acc[r], scale, base)));
-  }
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t q = 0; q < kExpandBlocks; ++q) {
+      const int64_t i = i0 + 16 * q;
+      const bool whole = lanes[q] == 0xffff;  // masked loads and stores are slow here
+      const uint16_t* from = addend + (t0 + r) * stride + i;
+      const __m256i addend_words =
+          !addend ? _mm256_setzero_si256()
+          : whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from))
+                  : _mm256_maskz_loadu_epi16(lanes[q], from);
+      const __m256i y = to_bf16(
+          _mm512_fmadd_ps(acc[r][q], scale, Avx512::widen<DType::BF16>(addend_words)));
+      uint16_t* to = out + (t0 + r) * cols + i;
+      if (whole) _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), y);
+      else _mm256_mask_storeu_epi16(to, lanes[q], y);
+    }
 }
 
 }  // namespace
@@ -356,26 +381,44 @@ void bf16_transpose_avx512(const uint16_t* src, int64_t rows, int64_t cols, int6
   }
 }
 
-void bf16_expand_avx512(const uint16_t* g, const uint16_t* b, const uint16_t* addend,
-                        int64_t stride, int64_t rows, int64_t cols, int64_t rank, float alpha,
-                        int64_t col_begin, int64_t col_end, uint16_t* out) {
+void bf16_expand_avx512(const uint16_t* g, const uint16_t* b, bool b_transposed,
+                        const uint16_t* addend, int64_t stride, int64_t rows, int64_t cols,
+                        int64_t rank, float alpha, int64_t col_begin, int64_t col_end,
+                        uint16_t* out) {
   const int64_t pairs = (rank + 1) / 2;
-  std::vector<uint32_t> packed(size_t(pairs * 16));  // pair j of 16 columns: words 16j..16j+15
+  // Pair j of block q: words (j * kExpandBlocks + q) * 16 onwards.
+  std::vector<uint32_t> packed(size_t(pairs * kExpandBlocks * 16));
   const __m512i lane_rows = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
       _mm512_set1_epi32(int(rank)));
-  for (int64_t i0 = col_begin; i0 < col_end; i0 += 16) {
-    const int64_t n = std::min<int64_t>(16, col_end - i0);
-    const __mmask16 lanes = __mmask16((1u << n) - 1);
-    const uint16_t* block = b + i0 * rank;
-    for (int64_t j = 0; j + 1 < rank; j += 2)  // word index lane * rank + j, 2 bytes a word
-      _mm512_storeu_si512(packed.data() + 8 * j,
-                          _mm512_mask_i32gather_epi32(
-                              _mm512_setzero_si512(), lanes,
-                              _mm512_add_epi32(lane_rows, _mm512_set1_epi32(int(j))), block, 2));
-    if (rank % 2 == 1) {  // a dword gather would read past b's end on its last row
-      uint32_t* last = packed.data() + 16 * (pairs - 1);
-      for (int64_t l = 0; l < 16; ++l) last[l] = l < n ? block[l * rank + rank - 1] : 0;
+  for (int64_t i0 = col_begin; i0 < col_end; i0 += kExpandBlocks * 16) {
+    __mmask16 lanes[kExpandBlocks];
+    for (int64_t q = 0; q < kExpandBlocks; ++q) {
+      const int64_t i = i0 + 16 * q, n = std::clamp<int64_t>(col_end - i, 0, 16);
+      lanes[q] = __mmask16((1u << n) - 1);
+      uint32_t* block_pairs = packed.data() + 16 * q;
+      const int64_t pair_step = kExpandBlocks * 16;
+      if (b_transposed) {  // ranks 2j and 2j + 1 are rows of b: their words interleaved
+        for (int64_t j = 0; j < pairs; ++j) {
+          __m512i words = widen_words(b + 2 * j * cols + i, lanes[q]);
+          if (2 * j + 1 < rank)
+            words = _mm512_or_si512(
+                words, _mm512_slli_epi32(widen_words(b + (2 * j + 1) * cols + i, lanes[q]), 16));
+          _mm512_storeu_si512(block_pairs + j * pair_step, words);
+        }
+      } else {
+        const uint16_t* block = b + i * rank;
+        for (int64_t j = 0; j + 1 < rank; j += 2)  // word index lane * rank + j, 2 bytes a word
+          _mm512_storeu_si512(
+              block_pairs + j / 2 * pair_step,
+              _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes[q],
+                                          _mm512_add_epi32(lane_rows, _mm512_set1_epi32(int(j))),
+                                          block, 2));
+        if (rank % 2 == 1) {  // a dword gather would read past b's end on its last row
+          uint32_t* last = block_pairs + (pairs - 1) * pair_step;
+          for (int64_t l = 0; l < 16; ++l) last[l] = l < n ? block[l * rank + rank - 1] : 0;
+        }
+      }
     }
     int64_t t = 0;
     for (; t + 4 <= rows; t += 4)
@@ -404,7 +447,7 @@ void bf16_dots_avx512(const uint16_t*, const uint16_t*, int64_t, int64_t, float,
 void bf16_contract_rows_avx512(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float,
                                bool, int64_t, int64_t, uint16_t*) {}
 void bf16_transpose_avx512(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
-void bf16_expand_avx512(const uint16_t*, const uint16_t*, const uint16_t*, int64_t, int64_t,
-                        int64_t, int64_t, float, int64_t, int64_t, uint16_t*) {}
+void bf16_expand_avx512(const uint16_t*, const uint16_t*, bool, const uint16_t*, int64_t,
+                        int64_t, int64_t, int64_t, float, int64_t, int64_t, uint16_t*) {}
 }  // namespace pykernels::cpu
 #endif

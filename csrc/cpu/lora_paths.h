@@ -57,9 +57,10 @@ void bf16_contract_rows_avx512(const uint16_t* g, const uint16_t* x, int64_t row
                                int64_t col_end, uint16_t* out);
 void bf16_transpose_avx512(const uint16_t* src, int64_t rows, int64_t cols, int64_t row_begin,
                            int64_t row_end, uint16_t* dst);
-void bf16_expand_avx512(const uint16_t* g, const uint16_t* b, const uint16_t* addend,
-                        int64_t stride, int64_t rows, int64_t cols, int64_t rank, float alpha,
-                        int64_t col_begin, int64_t col_end, uint16_t* out);
+void bf16_expand_avx512(const uint16_t* g, const uint16_t* b, bool b_transposed,
+                        const uint16_t* addend, int64_t stride, int64_t rows, int64_t cols,
+                        int64_t rank, float alpha, int64_t col_begin, int64_t col_end,
+                        uint16_t* out);
 
 // Runs `call` with E (the element type) and D (the DType) bound to dtype's.
 #define PK_LORA_DTYPE_SWITCH(name, call)                     \

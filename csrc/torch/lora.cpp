@@ -165,15 +165,15 @@ at::Tensor bf16_transposed(const at::Tensor& b) {
   return out;
 }
 
-// addend + alpha g b^T for g [rows, rank], b [cols, rank], by cpu::bf16_expand: into
-// `out` [rows, cols], the addend a bias [cols] (broadcast over rows), `out` itself
-// (in place), or none.
-void bf16_expand(const at::Tensor& g, const at::Tensor& b, const at::Tensor& addend,
-                 double alpha, const at::Tensor& out) {
+// addend + alpha g b^T for g [rows, rank], b [cols, rank] (b_transposed: alpha g b,
+// b [rank, cols]), by cpu::bf16_expand: into `out` [rows, cols], the addend a bias
+// [cols] (broadcast over rows), `out` itself (in place), or none.
+void bf16_expand(const at::Tensor& g, const at::Tensor& b, bool b_transposed,
+                 const at::Tensor& addend, double alpha, const at::Tensor& out) {
   TORCH_CHECK(out.is_contiguous(), "lora: the output must be contiguous (written in place)");
   const at::Tensor gc = g.contiguous(), bc = b.contiguous();
   const at::Tensor ac = addend.defined() ? addend.contiguous() : at::Tensor();
-  const int64_t rows = gc.size(0), cols = bc.size(0), rank = bc.size(1);
+  const int64_t rows = gc.size(0), cols = out.size(1), rank = gc.size(1);
   const int64_t stride = ac.defined() && ac.dim() == 2 ? cols : 0;
   const auto* gp = static_cast<const uint16_t*>(gc.const_data_ptr());
   const auto* bp = static_cast<const uint16_t*>(bc.const_data_ptr());
@@ -182,8 +182,9 @@ void bf16_expand(const at::Tensor& g, const at::Tensor& b, const at::Tensor& add
   constexpr int64_t kLanes = 16;  // the kernel's column step
   at::parallel_for(0, ceil_div(cols, kLanes), grain(rows * kLanes * rank),
                    [&](int64_t begin, int64_t end) {
-                     cpu::bf16_expand(gp, bp, ap, stride, rows, cols, rank, float(alpha),
-                                      begin * kLanes, std::min(cols, end * kLanes), op);
+                     cpu::bf16_expand(gp, bp, b_transposed, ap, stride, rows, cols, rank,
+                                      float(alpha), begin * kLanes, std::min(cols, end * kLanes),
+                                      op);
                    });
 }
 
@@ -308,11 +309,12 @@ at::Tensor adapter_down(const at::Tensor& x2d, const at::Tensor& lora_A, const D
 
 void adapter_add_up(const at::Tensor& y2d, const at::Tensor& xa, const at::Tensor& lora_B,
                     double scale) {
-  // bf16 with few rows: cpu::bf16_expand in place (4096 columns, rank 16, one core:
-  // T = 1 14 vs 35 us, T = 32 54 vs 64 us warm); at T = 512 the matmul library
-  // wins (470 vs 760 us).
+  // bf16 with few rows: cpu::bf16_expand in place (4096 columns, rank 16, one core,
+  // warm: T = 1 14 vs 35 us, T = 32 43 vs 64, T = 128 141 vs 126, but the matmul
+  // library's small products run cold after the base GEMM: 240 us at T = 32); at
+  // T = 512 the matmul library wins (470 vs 760 us).
   if (y2d.size(0) <= kFoldRows && y2d.is_contiguous() && bf16_dots_win(Dropout{}, y2d))
-    bf16_expand(xa, lora_B, y2d, scale, y2d);
+    bf16_expand(xa, lora_B, false, y2d, scale, y2d);
   else
     y2d.addmm_(xa, lora_B.t(), 1.0, scale);
 }
@@ -345,6 +347,11 @@ AdapterGrads adapter_backward(const at::Tensor& dy2d, const at::Tensor& grad_xa,
 void adapter_add_grad_input(const at::Tensor& dx2d, const at::Tensor& dxa,
                             const at::Tensor& lora_A, const Dropout& d) {
   const at::Tensor& dx = dx2d;
+  if (dx.size(0) <= kFoldRows && dx.is_contiguous() && bf16_dots_win(d, dx)) {
+    // As adapter_add_up: T = 1 / 32 / 128 10 / 43 / 140 us vs at::addmm_ 29 / 54 / 126.
+    bf16_expand(dxa, lora_A, true, dx, 1.0, dx);
+    return;
+  }
   if (!fused(d, dx)) {
     if (!d.active()) dx.addmm_(dxa, lora_A);
     else dx.add_(at::mm(dxa, lora_A).mul_(dropout_multiplier(d, dx.size(0), dx.size(1),
@@ -399,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear(const at::Tensor& x, const at::Te
     // ms; from T = 512 on the separate pass is as fast or faster (+2.8 vs +4.2 ms).
     if (bf16_dots_win(Dropout{}, x2d)) {
       y = at::empty({x2d.size(0), out}, x.options());
-      bf16_expand(xa, lora_B, bias.value_or(at::Tensor()), scale, y);
+      bf16_expand(xa, lora_B, false, bias.value_or(at::Tensor()), scale, y);
     } else
       y = bias.has_value()
               ? at::addmm(*bias, xa, lora_B.t(), 1.0, scale)

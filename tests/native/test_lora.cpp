@@ -317,9 +317,10 @@ static void test_bf16_contract_rows() {
     }
 }
 
-// bf16_expand likewise, with no addend, a bias (stride 0) and in place (the addend
-// is the output, stride cols): odd ranks (the last pairs with zero), column tails of
-// the 16 lanes, row counts over and under the 4-row tile, the columns in two ranges.
+// bf16_expand likewise, b in either layout, with no addend, a bias (stride 0) and
+// in place (the addend is the output, stride cols): odd ranks (the last pairs with
+// zero), column tails of the 16 lanes, row counts over and under the 4-row tile,
+// the columns in two ranges.
 static void test_bf16_expand() {
   if (!cpu::cpu_has_avx512_bf16()) return;
   const Shape shapes[] = {{1, 1, 1}, {3, 31, 3}, {5, 33, 17}, {9, 100, 16}, {32, 4096, 16},
@@ -327,6 +328,7 @@ static void test_bf16_expand() {
   enum Addend { kNone, kBias, kInPlace };
   uint32_t seed = 17;
   for (const Shape& s : shapes)
+    for (bool b_transposed : {false, true})
     for (Addend mode : {kNone, kBias, kInPlace}) {
       const Buffer g = random_buffer(DType::BF16, s.rows * s.rank, seed++);
       const Buffer b = random_buffer(DType::BF16, s.cols * s.rank, seed++);
@@ -338,21 +340,23 @@ static void test_bf16_expand() {
       const float alpha = 1.7f;
       const int64_t mid = s.cols / 3;
       for (const auto& [begin, end] : {std::pair<int64_t, int64_t>{0, mid}, {mid, s.cols}})
-        cpu::bf16_expand(g.words(), b.words(), addend, stride, s.rows, s.cols, s.rank, alpha,
-                         begin, end, out.words());
+        cpu::bf16_expand(g.words(), b.words(), b_transposed, addend, stride, s.rows, s.cols,
+                         s.rank, alpha, begin, end, out.words());
       for (int64_t t = 0; t < s.rows; ++t)
         for (int64_t i = 0; i < s.cols; ++i) {
           const ExactSum e = exact_sum(s.rank, [&](int64_t k) {
-            return double(g.get(t * s.rank + k)) * b.get(i * s.rank + k);
+            return double(g.get(t * s.rank + k)) *
+                   b.get(b_transposed ? k * s.cols + i : i * s.rank + k);
           });
           const double base = mode == kBias      ? bias.get(i)
                               : mode == kInPlace ? before.get(t * s.cols + i)
                                                  : 0.0;
           const double want = base + alpha * e.sum, got = out.get(t * s.cols + i);
           CHECK(within_bf16(got, want, alpha * e.magnitude),
-                "bf16_expand %lldx%lld r%lld addend %d: [%lld, %lld] %g vs %g",
-                (long long)s.rows, (long long)s.cols, (long long)s.rank, int(mode), (long long)t,
-                (long long)i, got, want);
+                "bf16_expand %lldx%lld r%lld%s addend %d: [%lld, %lld] %g vs %g",
+                (long long)s.rows, (long long)s.cols, (long long)s.rank,
+                b_transposed ? " transposed" : "", int(mode), (long long)t, (long long)i, got,
+                want);
         }
     }
 }

@@ -142,12 +142,13 @@ void bf16_contract_rows(const uint16_t* g, const uint16_t* x, int64_t rows, int6
 void bf16_transpose(const uint16_t* src, int64_t rows, int64_t cols, int64_t row_begin,
                     int64_t row_end, uint16_t* dst);
 // out[t, i] = addend[t * stride + i] + alpha * sum_k g[t, k] b[i, k] for bf16
-// g [rows, rank], b [cols, rank], out [rows, cols], columns [col_begin, col_end):
-// LoRA's up projection, y = b + s xa B^T (addend the bias, stride 0) or
-// y += s xa B^T (addend = out, stride cols); addend null: zeros. Where bf16_dots runs.
-void bf16_expand(const uint16_t* g, const uint16_t* b, const uint16_t* addend, int64_t stride,
-                 int64_t rows, int64_t cols, int64_t rank, float alpha, int64_t col_begin,
-                 int64_t col_end, uint16_t* out);
+// g [rows, rank], b [cols, rank] (b_transposed: b[k, i], b [rank, cols]),
+// out [rows, cols], columns [col_begin, col_end): LoRA's expansions y = b + s xa B^T
+// (addend the bias, stride 0), y += s xa B^T and dx += dxa A (addend = out, stride
+// cols); addend null: zeros. Where bf16_dots runs.
+void bf16_expand(const uint16_t* g, const uint16_t* b, bool b_transposed, const uint16_t* addend,
+                 int64_t stride, int64_t rows, int64_t cols, int64_t rank, float alpha,
+                 int64_t col_begin, int64_t col_end, uint16_t* out);
 
 // keep[(t - row_begin) * cols + i] = 1 if element (t, i) is kept, else 0. Scalar: for
 // tests and the ops' float64 path.
