@@ -1,7 +1,8 @@
-// Autograd of the LoRA ops over a dense base (lora_linear) and an NF4 base
-// (qlora_linear), in C++ (why: autograd.h): x, lora_A and lora_B get gradients
-// from the matching *_backward op; the base (W, or the NF4 state, and b) is
-// frozen, and asking for its gradients raises.
+// Autograd of the LoRA ops over a dense base (lora_linear), an NF4 base
+// (qlora_linear) and of many adapters in one layer (multi_lora), in C++ (why:
+// autograd.h): x, lora_A and lora_B get gradients from the matching *_backward op;
+// the base (W, or the NF4 state, and b) is frozen, and asking for its gradients
+// raises. multi_lora's `base` is the base layer's output: its gradient is grad_out.
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -115,6 +116,46 @@ struct QLoRALinearFunction : public torch::autograd::Function<QLoRALinearFunctio
   }
 };
 
+struct MultiLoRAFunction : public torch::autograd::Function<MultiLoRAFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& base,
+                               const at::Tensor& lora_A, const at::Tensor& lora_B,
+                               const at::Tensor& scales, const at::Tensor& ids, double dropout_p,
+                               const at::Tensor& seed) {
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>("pykernels::multi_lora");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, xa] = op.call(x, base, lora_A, lora_B, scales, ids, dropout_p, seed);
+    ctx->save_for_backward({x, lora_A, lora_B, scales, ids, xa, seed});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->mark_non_differentiable({xa});
+    ctx->set_materialize_grads(false);
+    return {out, xa};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(8);  // x, base, lora_A, lora_B; none for scales, ids, dropout_p, seed
+    const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return out;
+    if (ctx->needs_input_grad(1)) out[1] = grad_out;
+    const bool need_x = ctx->needs_input_grad(0);
+    if (!need_x && !ctx->needs_input_grad(2) && !ctx->needs_input_grad(3)) return out;
+    const variable_list s = ctx->get_saved_variables();
+    static const auto op =
+        op_handle<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, double, const at::Tensor&, bool)>(
+            "pykernels::multi_lora_backward");
+    const auto [grad_x, grad_A, grad_B] =
+        op.call(grad_out, s[0], s[1], s[2], s[3], s[4], s[5],
+                ctx->saved_data["dropout_p"].toDouble(), s[6], need_x);
+    out[0] = grad_x.value_or(at::Tensor());
+    if (ctx->needs_input_grad(2)) out[2] = grad_A;
+    if (ctx->needs_input_grad(3)) out[3] = grad_B;
+    return out;
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> lora_linear_autograd(
     const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
@@ -135,11 +176,21 @@ std::tuple<at::Tensor, at::Tensor> qlora_linear_autograd(
   return {out[0], out[1]};
 }
 
+std::tuple<at::Tensor, at::Tensor> multi_lora_autograd(
+    const at::Tensor& x, const at::Tensor& base, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& scales, const at::Tensor& ids, double dropout_p,
+    const at::Tensor& seed) {
+  const variable_list out =
+      MultiLoRAFunction::apply(x, base, lora_A, lora_B, scales, ids, dropout_p, seed);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pykernels, Autograd, m) {
   m.impl("lora_linear", &lora_linear_autograd);
   m.impl("qlora_linear", &qlora_linear_autograd);
+  m.impl("multi_lora", &multi_lora_autograd);
 }
 
 }  // namespace pykernels::binding::lora

@@ -1,5 +1,6 @@
 """Multi-LoRA: many adapters resident in one layer, each batch row picking its own
-(punica's BGMV / SGMV semantics), as typed functions, fakes and autograd.
+(punica's BGMV / SGMV semantics), as typed functions and fakes; the autograd is
+in C++ (csrc/torch/lora_autograd.cpp).
 
     y[i] = base[i] + scales[id[i]]·(drop(x[i])·A[id[i]]ᵀ)·B[id[i]]ᵀ    (id[i] = -1: base[i])
 
@@ -49,27 +50,3 @@ def _multi_lora_backward_fake(grad_out, x, lora_A, lora_B, scales, ids, xa, drop
                               need_grad_x):
     grad_x = x.new_empty(x.shape) if need_grad_x else None
     return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    x, base, lora_A, lora_B, scales, ids, dropout_p, seed = inputs
-    ctx.save_for_backward(x, lora_A, lora_B, scales, ids, output[1], seed)
-    ctx.dropout_p = dropout_p
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_out, grad_xa):
-    if grad_out is None:
-        return (None,) * 8
-    x, lora_A, lora_B, scales, ids, xa, seed = ctx.saved_tensors
-    need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
-    grad_x = grad_A = grad_B = None
-    if need_x or need_A or need_B:
-        grad_x, grad_A, grad_B = _ops.multi_lora_backward(
-            grad_out, x, lora_A, lora_B, scales, ids, xa, ctx.dropout_p, seed, need_x)
-    return (grad_x, grad_out if need_base else None, grad_A if need_A else None,
-            grad_B if need_B else None, None, None, None, None)
-
-
-torch.library.register_autograd("pykernels::multi_lora", _backward, setup_context=_setup_context)
