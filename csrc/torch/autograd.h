@@ -39,4 +39,13 @@ inline OptTensor optional_of(const at::Tensor& t) {
   return t.defined() ? OptTensor(t) : std::nullopt;
 }
 
+// Function::apply gives needs_input_grad's indices (edges) to the tensor arguments
+// present only, while backward returns one entry per argument: `present` has bit i
+// set where argument i is a tensor that was given.
+inline bool needs_grad(AutogradContext* ctx, int64_t present, int argument) {
+  if (!(present >> argument & 1)) return false;
+  return ctx->needs_input_grad(
+      size_t(__builtin_popcountll(uint64_t(present) & ((uint64_t(1) << argument) - 1))));
+}
+
 }  // namespace pykernels::binding::autograd

@@ -1,4 +1,5 @@
-"""Bottleneck adapters: typed function, fake implementations, autograd.
+"""Bottleneck adapters: typed function and fake implementations; the autograd is in
+C++ (csrc/torch/bottleneck_autograd.cpp).
 
     out = residual + scale·(act(h·w_downᵀ + b_down)·w_upᵀ + b_up)
 
@@ -51,31 +52,3 @@ def _bottleneck_adapter_backward_fake(grad_out, h, pre, w_down, w_up, act, scale
     grad_h = h.new_empty(h.shape) if need_grad_h else None
     return (grad_h, w_down.new_empty(w_down.shape), w_down.new_empty((w_down.shape[0],)),
             w_up.new_empty(w_up.shape), w_up.new_empty((w_up.shape[0],)))
-
-
-# ---- autograd ----
-
-def _setup_context(ctx, inputs, output):
-    h, residual, w_down, b_down, w_up, b_up, act, scale, save_pre = inputs
-    if any(ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5)) and not save_pre:
-        raise RuntimeError("bottleneck_adapter: call with save_pre=True when a gradient is "
-                           "needed (pykernels.ops.bottleneck_adapter does)")
-    ctx.save_for_backward(h, output[1], w_down, w_up)
-    ctx.act, ctx.scale, ctx.residual_is_h = act, scale, residual is None
-
-
-def _backward(ctx, grad_out, grad_pre):
-    h, pre, w_down, w_up = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    grad_r = grad_out if need[1] and not ctx.residual_is_h else None
-    if not any(need[i] for i in (0, 2, 3, 4, 5)):
-        return None, grad_r, None, None, None, None, None, None, None
-    grad_h, grad_w_down, grad_b_down, grad_w_up, grad_b_up = _ops.bottleneck_adapter_backward(
-        grad_out.contiguous(), h, pre, w_down, w_up, ctx.act, ctx.scale, need[0],
-        ctx.residual_is_h)
-    return (grad_h, grad_r, grad_w_down if need[2] else None, grad_b_down if need[3] else None,
-            grad_w_up if need[4] else None, grad_b_up if need[5] else None, None, None, None)
-
-
-torch.library.register_autograd("pykernels::bottleneck_adapter", _backward,
-                                setup_context=_setup_context)

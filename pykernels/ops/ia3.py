@@ -18,7 +18,8 @@ Gradients: ``ia3_scale`` gives ``grad_v = grad ⊙ l`` and
 ``grad_l = Σ_rows grad ⊙ (v + bias)`` in one pass (``ia3_scale_backward``); for
 ``ia3_nf4_linear``, ``g = grad·W`` (``nf4_linear_grad_input``), then
 ``grad_x = g ⊙ l`` and ``grad_l = Σ_rows x ⊙ g``. Sums are fp32; l may be any
-float dtype (peft keeps it fp32 over a bf16 model) and is used in fp32.
+float dtype (peft keeps it fp32 over a bf16 model) and is used in fp32. The
+autograd is in C++ (csrc/torch/ia3_autograd.cpp).
 """
 from __future__ import annotations
 
@@ -80,48 +81,3 @@ def _ia3_nf4_linear_fake(x, packed, absmax, blocksize, out_features, bias, absma
     _check_l("ia3_nf4_linear", l, x.shape[-1], "in_features, the last dimension of x")
     _check_same_device("ia3_nf4_linear", x=x, packed=packed, absmax=absmax, l=l)
     return x.new_empty((*x.shape[:-1], out_features))
-
-
-# ---- autograd ----
-
-def _needs_grad(ctx, index: int) -> bool:
-    # Trailing arguments left at their defaults may be dropped before autograd sees them.
-    return index < len(ctx.needs_input_grad) and ctx.needs_input_grad[index]
-
-
-def _bias_grad(grad: torch.Tensor, grad_v: Optional[torch.Tensor], l: torch.Tensor):
-    g = grad_v if grad_v is not None else grad * l.to(grad.dtype)
-    return g.reshape(-1, g.shape[-1]).sum(0)
-
-
-def _scale_setup(ctx, inputs, output):
-    v, bias, l = inputs
-    ctx.save_for_backward(v, bias, l)
-
-
-def _scale_backward(ctx, grad):
-    v, bias, l = ctx.saved_tensors
-    need_v, need_bias, need_l = (_needs_grad(ctx, i) for i in range(3))
-    grad_v, grad_l = _ops.ia3_scale_backward(grad, v, bias, l, need_v or need_bias)
-    grad_bias = _bias_grad(grad, grad_v, l) if need_bias else None
-    return (grad_v if need_v else None), grad_bias, (grad_l if need_l else None)
-
-
-def _nf4_setup(ctx, inputs, output):
-    x, packed, absmax, blocksize, out_features, bias, scale, code, offset, l = inputs
-    ctx.save_for_backward(x, packed, absmax, scale, code, offset, l)
-    ctx.blocksize = blocksize
-
-
-def _nf4_backward(ctx, grad):
-    x, packed, absmax, scale, code, offset, l = ctx.saved_tensors
-    g = _ops.nf4_linear_grad_input(grad, packed, absmax, ctx.blocksize, x.shape[-1], scale, code,
-                                   offset)
-    grad_x, grad_l = _ops.ia3_scale_backward(g, x, None, l, _needs_grad(ctx, 0))
-    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if _needs_grad(ctx, 5) else None
-    return grad_x, None, None, None, None, grad_bias, None, None, None, grad_l
-
-
-torch.library.register_autograd("pykernels::ia3_scale", _scale_backward, setup_context=_scale_setup)
-torch.library.register_autograd("pykernels::ia3_nf4_linear", _nf4_backward,
-                                setup_context=_nf4_setup)
