@@ -190,7 +190,8 @@ def test_gradients_of_some_arguments(separate_residual):
     def grads(wanted):
         leaves = [t.detach().clone().requires_grad_(n in wanted) for n, t in zip(names, ts)]
         h, r, wd, bd, wu, bu = leaves
-        out = ops.bottleneck_adapter(h, wd, bd, wu, bu, "gelu", 0.9, r if separate_residual else None)
+        out = ops.bottleneck_adapter(h, wd, bd, wu, bu, "gelu", 0.9,
+                                     r if separate_residual else None)
         if out.requires_grad:
             out.backward(dy)
         return {n: t.grad for n, t in zip(names, leaves)}

@@ -235,8 +235,9 @@ inline void transpose_tile(const uint16_t* src, int64_t src_stride, int64_t rows
   }
   const __mmask8 row_mask = __mmask8((1u << rows) - 1);
   for (int c = 0; c < 8; ++c) {
-    const __m128i lanes[4] = {_mm512_extracti32x4_epi32(v[c], 0), _mm512_extracti32x4_epi32(v[c], 1),
-                              _mm512_extracti32x4_epi32(v[c], 2), _mm512_extracti32x4_epi32(v[c], 3)};
+    const __m128i lanes[4] = {
+        _mm512_extracti32x4_epi32(v[c], 0), _mm512_extracti32x4_epi32(v[c], 1),
+        _mm512_extracti32x4_epi32(v[c], 2), _mm512_extracti32x4_epi32(v[c], 3)};
     for (int l = 0; l < 4; ++l)
       if (8 * l + c < n) _mm_mask_storeu_epi16(dst + (8 * l + c) * dst_stride, row_mask, lanes[l]);
   }

@@ -1,6 +1,7 @@
 // What the ops' C++ autograd Functions share (lora_autograd.cpp,
-// nf4_linear_autograd.cpp). In C++ rather than torch.library.register_autograd
-// because the Python registration costs ~80 us a layer and step (lora_linear,
+// nf4_linear_autograd.cpp, ia3_autograd.cpp, bottleneck_autograd.cpp). In C++
+// rather than torch.library.register_autograd because the Python registration
+// costs ~80 us a layer and step (lora_linear,
 // fp32 64x64, 4 rows, one thread: forward + backward 116 us vs 36 us for the two
 // ops called directly; 69 us from C++), most of a small layer's step and, on a
 // GPU, most of a decoding step's host time. The ops are called through the

@@ -159,9 +159,11 @@ at::Tensor bf16_transposed(const at::Tensor& b) {
   const auto* bp = static_cast<const uint16_t*>(bc.const_data_ptr());
   auto* op = static_cast<uint16_t*>(out.mutable_data_ptr());
   constexpr int64_t kBlock = 32;  // the kernel's row step
-  at::parallel_for(0, ceil_div(rows, kBlock), grain(kBlock * cols), [&](int64_t begin, int64_t end) {
-    cpu::bf16_transpose(bp, rows, cols, begin * kBlock, std::min(rows, end * kBlock), op);
-  });
+  at::parallel_for(0, ceil_div(rows, kBlock), grain(kBlock * cols),
+                   [&](int64_t begin, int64_t end) {
+                     cpu::bf16_transpose(bp, rows, cols, begin * kBlock,
+                                         std::min(rows, end * kBlock), op);
+                   });
   return out;
 }
 

@@ -335,7 +335,9 @@ static void test_bf16_expand() {
       const Buffer bias = random_buffer(DType::BF16, s.cols, seed++);
       const Buffer before = random_buffer(DType::BF16, s.rows * s.cols, seed++);
       Buffer out = before;
-      const uint16_t* addend = mode == kBias ? bias.words() : mode == kInPlace ? out.words() : nullptr;
+      const uint16_t* addend = mode == kBias      ? bias.words()
+                               : mode == kInPlace ? out.words()
+                                                  : nullptr;
       const int64_t stride = mode == kInPlace ? s.cols : 0;
       const float alpha = 1.7f;
       const int64_t mid = s.cols / 3;
