@@ -52,6 +52,9 @@ class Timing:
     iqr_s: float
     runs: int
     min_s: float | None = None  # the best call: what the machine can do when nothing else runs
+    # Every call's time in the order measure() made them: call i of each side ran in
+    # round i, beside call i of the others (paired differences).
+    samples: tuple = ()
 
     def fields(self) -> dict:
         fields = {"median_ms": self.median_s * 1e3, "iqr_ms": self.iqr_s * 1e3}
@@ -101,7 +104,7 @@ def measure(fns: dict, min_time: float = 0.5, clock=time.perf_counter) -> dict[s
     result = {}
     for name, t in times.items():
         q1, _, q3 = statistics.quantiles(t, n=4)
-        result[name] = Timing(statistics.median(t), q3 - q1, len(t), min(t))
+        result[name] = Timing(statistics.median(t), q3 - q1, len(t), min(t), tuple(t))
     return result
 
 
