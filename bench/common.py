@@ -134,8 +134,9 @@ def gemm_peak(n: int, dtype: torch.dtype) -> tuple[Timing, float]:
 def machine_limits(quick: bool) -> tuple[dict, ...]:
     """The copy bandwidth and GEMM peak, measured once per process (benches share them).
 
-    The copy is 512 MiB each way: 5x the 105 MiB L3 of this machine, so it measures
-    DRAM, as a weight matrix of 8192x8192 sees it.
+    The copy is 512 MiB each way: 5x the largest L3 these benchmarks have met (105 MiB
+    on an Intel Xeon; 32 MiB on the AMD EPYC), so it measures DRAM, as a weight
+    matrix of 8192x8192 sees it.
     """
     copy_mib, gemm_n = (256, 1024) if quick else (512, 4096)
     t, gbps = copy_bandwidth(copy_mib * MiB)
