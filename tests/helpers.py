@@ -67,3 +67,28 @@ def peak_memory_growth(script: str, *args: str) -> int:
                             capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert result.returncode == 0, f"the peak-memory script failed:\n{result.stderr[-3000:]}"
     return int(result.stdout) * 1024
+
+
+def check_gradient_subsets(fn, tensors, names, subsets):
+    """fn(*tensors) (None for an absent optional argument): every argument given gets
+    a gradient when all ask, and each subset of names asking for gradients gets
+    exactly those, equal to the full set's (an absent argument shifts none of them).
+    The upstream gradient is ones."""
+    def grads(wanted):
+        leaves = [None if t is None else t.detach().clone().requires_grad_(n in wanted)
+                  for n, t in zip(names, tensors)]
+        out = fn(*leaves)
+        if out.requires_grad:
+            out.backward(torch.ones_like(out))
+        return {n: None if t is None else t.grad for n, t in zip(names, leaves)}
+
+    full = grads(set(names))
+    for n, t in zip(names, tensors):
+        assert (full[n] is None) == (t is None), n
+    for wanted in subsets:
+        got = grads(wanted)
+        for n in names:
+            if n in wanted and full[n] is not None:
+                torch.testing.assert_close(got[n], full[n], rtol=0, atol=0, msg=f"{wanted} {n}")
+            else:
+                assert got[n] is None, (wanted, n)

@@ -15,7 +15,7 @@ from pykernels import ops, reference
 from pykernels.nn import (AdaptedModule, BottleneckAdapter, NF4Linear, QLoRALinear,
                           add_bottleneck_adapters, remove_bottleneck_adapters)
 
-from helpers import assert_rule
+from helpers import assert_rule, check_gradient_subsets
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTS = ["relu", "gelu", "silu"]
@@ -181,31 +181,12 @@ def test_gradcheck_float64():
 
 @pytest.mark.parametrize("separate_residual", [False, True])
 def test_gradients_of_some_arguments(separate_residual):
-    # Each subset of arguments asking for gradients gets exactly those, equal to the
-    # ones all arguments get; the absent residual shifts no argument's gradient.
-    ts = make((3, 4), 24, 5, torch.float64)
-    dy = torch.randn(3, 4, 24, dtype=torch.float64)
-    names = ("h", "r", "wd", "bd", "wu", "bu")
-
-    def grads(wanted):
-        leaves = [t.detach().clone().requires_grad_(n in wanted) for n, t in zip(names, ts)]
-        h, r, wd, bd, wu, bu = leaves
-        out = ops.bottleneck_adapter(h, wd, bd, wu, bu, "gelu", 0.9,
-                                     r if separate_residual else None)
-        if out.requires_grad:
-            out.backward(dy)
-        return {n: t.grad for n, t in zip(names, leaves)}
-
-    full = grads(set(names))
-    assert all((full[n] is None) == (n == "r" and not separate_residual) for n in names)
-    for wanted in ({"r"}, {"wu"}, {"h"}, {"bd", "bu"}, {"wd", "r"}):
-        got = grads(wanted)
-        for n in names:
-            expect = full[n] if n in wanted and (n != "r" or separate_residual) else None
-            if expect is None:
-                assert got[n] is None, (wanted, n)
-            else:
-                torch.testing.assert_close(got[n], expect, rtol=0, atol=0, msg=f"{wanted} {n}")
+    # The absent residual shifts no other argument's gradient.
+    h, r, wd, bd, wu, bu = make((3, 4), 24, 5, torch.float64)
+    check_gradient_subsets(
+        lambda h, r, wd, bd, wu, bu: ops.bottleneck_adapter(h, wd, bd, wu, bu, "gelu", 0.9, r),
+        (h, r if separate_residual else None, wd, bd, wu, bu), ("h", "r", "wd", "bd", "wu", "bu"),
+        ({"r"}, {"wu"}, {"h"}, {"bd", "bu"}, {"wd", "r"}))
 
 
 def test_gradient_without_saved_pre_raises():

@@ -12,7 +12,7 @@ import pykernels
 from pykernels import ops, reference
 from pykernels.nn import IA3Linear, NF4Linear
 
-from helpers import assert_rule
+from helpers import assert_rule, check_gradient_subsets
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1), (3, 7), (37, 129), (2, 5, 65)]  # odd, leading dims
@@ -51,36 +51,12 @@ def test_scale_matches_reference(dtype, shape, with_bias):
         assert_rule(u, r, t, f"{name} {dtype}")
 
 
-def _grads_of(fn, tensors, wanted, names):
-    leaves = [None if t is None else t.detach().clone().requires_grad_(n in wanted)
-              for n, t in zip(names, tensors)]
-    out = fn(*leaves)
-    if out.requires_grad:
-        out.backward(torch.ones_like(out))
-    return {n: None if t is None else t.grad for n, t in zip(names, leaves)}
-
-
-def _check_subsets(fn, tensors, names, subsets):
-    # Each subset of arguments asking for gradients gets exactly those, equal to the
-    # ones all arguments get (an absent optional argument shifts none of them).
-    full = _grads_of(fn, tensors, set(names), names)
-    for n, t in zip(names, tensors):
-        assert (full[n] is None) == (t is None), n
-    for wanted in subsets:
-        got = _grads_of(fn, tensors, wanted, names)
-        for n in names:
-            if n in wanted and full[n] is not None:
-                torch.testing.assert_close(got[n], full[n], rtol=0, atol=0, msg=f"{wanted} {n}")
-            else:
-                assert got[n] is None, (wanted, n)
-
-
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_scale_gradients_of_some_arguments(with_bias):
     v, l, b = torch.randn(5, 7, dtype=torch.float64), torch.rand(7, dtype=torch.float64), None
     if with_bias:
         b = torch.randn(7, dtype=torch.float64)
-    _check_subsets(lambda v, l, b: ops.ia3_scale(v, l, b), (v, l, b), ("v", "l", "b"),
+    check_gradient_subsets(lambda v, l, b: ops.ia3_scale(v, l, b), (v, l, b), ("v", "l", "b"),
                    ({"v"}, {"l"}, {"b"}, {"b", "l"}))
 
 
@@ -89,7 +65,7 @@ def test_nf4_linear_gradients_of_some_arguments(double_quant):
     base, x, l = _nf4_case(torch.float32, 3, double_quant)
     state = dict(absmax_scale=base.absmax_scale, absmax_code=base.absmax_code,
                  absmax_offset=base.absmax_offset)
-    _check_subsets(lambda x, l, b: ops.ia3_nf4_linear(x, base.packed, base.absmax, 48, l, 64, b,
+    check_gradient_subsets(lambda x, l, b: ops.ia3_nf4_linear(x, base.packed, base.absmax, 48, l, 64, b,
                                                       **state),
                    (x, l, base.bias.detach()), ("x", "l", "b"), ({"x"}, {"l"}, {"b"}, {"x", "b"}))
 

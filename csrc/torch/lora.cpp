@@ -116,6 +116,12 @@ bool bf16_dots_win(const Dropout& d, const at::Tensor& x) {
          cpu::bf16_dots_run(active_cpu_path());
 }
 
+// Where cpu::bf16_expand adds a rank-r product into `out` in place: bf16 without
+// dropout, up to kFoldRows rows (see adapter_add_up).
+bool expand_in_place(const Dropout& d, const at::Tensor& out) {
+  return out.size(0) <= kFoldRows && out.is_contiguous() && bf16_dots_win(d, out);
+}
+
 // alpha g^T x2d for g [rows, rank]: [rank, cols], or its transpose [cols, rank], by
 // cpu::bf16_contract_rows.
 at::Tensor bf16_contract_rows(const at::Tensor& g, const at::Tensor& x2d, double alpha,
@@ -315,7 +321,7 @@ void adapter_add_up(const at::Tensor& y2d, const at::Tensor& xa, const at::Tenso
   // warm: T = 1 14 vs 35 us, T = 32 43 vs 64, T = 128 141 vs 126, but the matmul
   // library's small products run cold after the base GEMM: 240 us at T = 32); at
   // T = 512 the matmul library wins (470 vs 760 us).
-  if (y2d.size(0) <= kFoldRows && y2d.is_contiguous() && bf16_dots_win(Dropout{}, y2d))
+  if (expand_in_place(Dropout{}, y2d))
     bf16_expand(xa, lora_B, false, y2d, scale, y2d);
   else
     y2d.addmm_(xa, lora_B.t(), 1.0, scale);
@@ -349,7 +355,7 @@ AdapterGrads adapter_backward(const at::Tensor& dy2d, const at::Tensor& grad_xa,
 void adapter_add_grad_input(const at::Tensor& dx2d, const at::Tensor& dxa,
                             const at::Tensor& lora_A, const Dropout& d) {
   const at::Tensor& dx = dx2d;
-  if (dx.size(0) <= kFoldRows && dx.is_contiguous() && bf16_dots_win(d, dx)) {
+  if (expand_in_place(d, dx)) {
     // As adapter_add_up: T = 1 / 32 / 128 10 / 43 / 140 us vs at::addmm_ 29 / 54 / 126.
     bf16_expand(dxa, lora_A, true, dx, 1.0, dx);
     return;
