@@ -169,15 +169,26 @@ PK_BF16_DOTS void dot_tile(const uint16_t* const* x, const uint16_t* const* a, i
 // dA at 4096 columns, rank 16, one core here, T = 32 / 512: at::addmm 58 / 570 us,
 // the fp32 tiles (lora_gt_x) 58 / 850 us, this 49 / 450 us.
 constexpr int64_t kContractRanks = 8;
+// Rows a tile sweeps at a time. One column step over every row touches a 4 KiB
+// page a row (rows are 8 KiB apart at 4096 columns), and past ~1024 rows the
+// TLB no longer holds them from one step to the next: dA at 4096 columns, rank
+// 16, one core, T = 1024 / 1536 / 2048 took 0.89 / 3.4 / 6.8 ms in one sweep.
+// Blocks of rows go over every column step of the range in turn, and each
+// tile's sums wait in fp32 for the next block.
+constexpr int64_t kContractBlockRows = 512;  // even: a block holds whole row pairs
 
-// The tile's sums, alpha times, as bf16 in column order: words[k][c].
+// The tile's raw sums over the row pairs, added to sums (when `accumulate`) or
+// written there: sums[k] holds acc[k][0] in its first 16 floats, acc[k][1] after.
 PK_BF16_DOTS void contract_tile(const uint32_t* g_pairs, int64_t pairs, int64_t rank,
                                 const int64_t* ranks, const uint16_t* x, int64_t rows,
-                                int64_t cols, int64_t n, float alpha,
-                                uint16_t (*words)[kDotLanes]) {
+                                int64_t cols, int64_t n, bool accumulate,
+                                float (*sums)[kDotLanes]) {
   __m512 acc[kContractRanks][2];
 #pragma GCC unroll 8
-  for (int64_t k = 0; k < kContractRanks; ++k) acc[k][0] = acc[k][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kContractRanks; ++k) {
+    acc[k][0] = accumulate ? _mm512_loadu_ps(sums[k]) : _mm512_setzero_ps();
+    acc[k][1] = accumulate ? _mm512_loadu_ps(sums[k] + 16) : _mm512_setzero_ps();
+  }
   static const uint16_t kZeroRow[kDotLanes] = {};  // the partner of an odd last row
   for (int64_t p = 0; p < pairs; ++p) {
     const uint16_t* second = 2 * p + 1 < rows ? x + (2 * p + 1) * cols : kZeroRow;
@@ -193,16 +204,26 @@ PK_BF16_DOTS void contract_tile(const uint32_t* g_pairs, int64_t pairs, int64_t 
       acc[k][1] = _mm512_dpbf16_ps(acc[k][1], high, gk);
     }
   }
+#pragma GCC unroll 8  // acc stays in registers only if no loop indexes it at run time
+  for (int64_t k = 0; k < kContractRanks; ++k) {
+    _mm512_storeu_ps(sums[k], acc[k][0]);
+    _mm512_storeu_ps(sums[k] + 16, acc[k][1]);
+  }
+}
+
+// A tile's raw sums, alpha times, as bf16 in column order: words[k][c].
+PK_BF16_DOTS void tile_words(const float (*sums)[kDotLanes], float alpha,
+                             uint16_t (*words)[kDotLanes]) {
   // Columns 8L + 0..3 sit in lanes 4L..4L + 3 of the low vector, 8L + 4..7 in the
   // same lanes of the high one.
   const __m512i first16 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i last16 =
       _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   const __m512 scale = _mm512_set1_ps(alpha);
-#pragma GCC unroll 8  // acc stays in registers only if no loop indexes it at run time
   for (int64_t k = 0; k < kContractRanks; ++k) {
-    const __m512 lo = _mm512_permutex2var_ps(acc[k][0], first16, acc[k][1]);
-    const __m512 hi = _mm512_permutex2var_ps(acc[k][0], last16, acc[k][1]);
+    const __m512 low = _mm512_loadu_ps(sums[k]), high = _mm512_loadu_ps(sums[k] + 16);
+    const __m512 lo = _mm512_permutex2var_ps(low, first16, high);
+    const __m512 hi = _mm512_permutex2var_ps(low, last16, high);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(words[k]), to_bf16(_mm512_mul_ps(lo, scale)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(words[k] + 16),
                         to_bf16(_mm512_mul_ps(hi, scale)));
@@ -255,20 +276,35 @@ void bf16_contract_rows_avx512(const uint16_t* g, const uint16_t* x, int64_t row
       const uint32_t second = 2 * p + 1 < rows ? g[(2 * p + 1) * rank + k] : 0;
       g_pairs[size_t(p * rank + k)] = g[2 * p * rank + k] | second << 16;
     }
-  for (int64_t i = col_begin; i < col_end; i += kDotLanes) {
-    const int64_t n = std::min(kDotLanes, col_end - i);
-    for (int64_t k0 = 0; k0 < rank; k0 += kContractRanks) {
-      int64_t ranks[kContractRanks];
-      for (int64_t k = 0; k < kContractRanks; ++k) ranks[k] = std::min(k0 + k, rank - 1);
-      uint16_t words[kContractRanks][kDotLanes];
-      contract_tile(g_pairs.data(), pairs, rank, ranks, x + i, rows, cols, n, alpha, words);
-      const int64_t nk = std::min(kContractRanks, rank - k0);
-      if (transposed_out) {
-        // Scalar stores took 25 us of dB's ~75 at T = 32, 4096 columns, rank 16.
-        transpose_tile(words[0], kDotLanes, nk, n, out + i * rank + k0, rank);
-      } else {
-        for (int64_t k = 0; k < nk; ++k)
-          std::copy(words[k], words[k] + n, out + (k0 + k) * cols + i);
+  const int64_t groups = ceil_div(rank, kContractRanks);
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(rows, kContractBlockRows));
+  using TileSums = float[kContractRanks][kDotLanes];
+  // Every tile's sums between row blocks; one tile's when a single block does.
+  std::vector<TileSums> held(blocks > 1 ? size_t(ceil_div(col_end - col_begin, kDotLanes) * groups)
+                                        : 1);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t r0 = b * kContractBlockRows, nr = std::min(kContractBlockRows, rows - r0);
+    for (int64_t i = col_begin; i < col_end; i += kDotLanes) {
+      const int64_t n = std::min(kDotLanes, col_end - i);
+      for (int64_t k0 = 0; k0 < rank; k0 += kContractRanks) {
+        int64_t ranks[kContractRanks];
+        for (int64_t k = 0; k < kContractRanks; ++k) ranks[k] = std::min(k0 + k, rank - 1);
+        TileSums& sums =
+            held[blocks > 1 ? size_t((i - col_begin) / kDotLanes * groups + k0 / kContractRanks)
+                            : 0];
+        contract_tile(g_pairs.data() + r0 / 2 * rank, ceil_div(nr, 2), rank, ranks,
+                      x + r0 * cols + i, nr, cols, n, b > 0, sums);
+        if (b + 1 < blocks) continue;
+        uint16_t words[kContractRanks][kDotLanes];
+        tile_words(sums, alpha, words);
+        const int64_t nk = std::min(kContractRanks, rank - k0);
+        if (transposed_out) {
+          // Scalar stores took 25 us of dB's ~75 at T = 32, 4096 columns, rank 16.
+          transpose_tile(words[0], kDotLanes, nk, n, out + i * rank + k0, rank);
+        } else {
+          for (int64_t k = 0; k < nk; ++k)
+            std::copy(words[k], words[k] + n, out + (k0 + k) * cols + i);
+        }
       }
     }
   }

@@ -286,11 +286,12 @@ static void test_bf16_transpose() {
 
 // bf16_contract_rows likewise: odd row counts (the last row pairs with zeros),
 // column tails, ranks that are not a multiple of the tile, both output layouts,
-// the columns in two ranges.
+// the columns in two ranges, rows over one block of 512 (the last block a
+// single row, or part of one).
 static void test_bf16_contract_rows() {
   if (!cpu::cpu_has_avx512_bf16()) return;
-  const Shape shapes[] = {{1, 1, 1}, {3, 31, 3}, {5, 33, 17}, {8, 100, 16}, {64, 4096, 16},
-                          {7, 70, 9}};
+  const Shape shapes[] = {{1, 1, 1},   {3, 31, 3},     {5, 33, 17},    {8, 100, 16},
+                          {64, 4096, 16}, {7, 70, 9}, {1025, 70, 9}, {1300, 33, 17}};
   uint32_t seed = 11;
   for (const Shape& s : shapes)
     for (bool transposed : {false, true}) {
