@@ -117,9 +117,9 @@ bool bf16_dots_win(const Dropout& d, const at::Tensor& x) {
 }
 
 // Where cpu::bf16_expand adds a rank-r product into `out` in place: bf16 without
-// dropout, up to kFoldRows rows (see adapter_add_up).
+// dropout, any number of rows (see adapter_add_up).
 bool expand_in_place(const Dropout& d, const at::Tensor& out) {
-  return out.size(0) <= kFoldRows && out.is_contiguous() && bf16_dots_win(d, out);
+  return out.is_contiguous() && bf16_dots_win(d, out);
 }
 
 // alpha g^T x2d for g [rows, rank]: [rank, cols], or its transpose [cols, rank], by
@@ -317,10 +317,13 @@ at::Tensor adapter_down(const at::Tensor& x2d, const at::Tensor& lora_A, const D
 
 void adapter_add_up(const at::Tensor& y2d, const at::Tensor& xa, const at::Tensor& lora_B,
                     double scale) {
-  // bf16 with few rows: cpu::bf16_expand in place (4096 columns, rank 16, one core,
-  // warm: T = 1 14 vs 35 us, T = 32 43 vs 64, T = 128 141 vs 126, but the matmul
-  // library's small products run cold after the base GEMM: 240 us at T = 32); at
-  // T = 512 the matmul library wins (470 vs 760 us).
+  // bf16: cpu::bf16_expand in place (4096 columns, rank 16, one core, warm: T = 1
+  // 14 vs 35 us, T = 32 43 vs 64, T = 128 141 vs 126, T = 512 530 vs 470; but in a
+  // step they run cold after the base GEMM, where the matmul library's took 240 us
+  // at T = 32 and 940 at T = 512 against ~700). What the adapter adds to a step of
+  // LoRA over the base (paired, one thread) with y and dx this way at every T,
+  // against oneDNN's addmm_ from 129 rows on: T = 512 no x grad 3.2-3.7 -> 2.9-3.2
+  // ms, x grad 4.5 -> 3.1-3.3 ms; T = 2048 no x grad 11.6-12.1 -> 8.6-11.8 ms.
   if (expand_in_place(Dropout{}, y2d))
     bf16_expand(xa, lora_B, false, y2d, scale, y2d);
   else
