@@ -54,8 +54,9 @@ struct Avx2 {
   // Double-quantized absmax, 8 blocks a step: code[q] * scale[b / 256] + offset,
   // rounded after each operation as blockwise8_decode does; code[q] gathered,
   // scale broadcast (blended where the 8 cross a multiple of 256).
-  static PK_MATMUL_TARGET void decode_absmax(const NF4Matrix& w, int64_t begin, int64_t end,
-                                             float* out) {
+  static bool code_planes() { return false; }
+  static PK_MATMUL_TARGET void decode_absmax(const NF4Matrix& w, const CodePlanes*, int64_t begin,
+                                             int64_t end, float* out) {
     const __m256 offset = _mm256_set1_ps(w.absmax_offset);
     int64_t b = begin;
     for (; b + 8 <= end; b += 8) {

@@ -6,6 +6,7 @@
 // copy 1 (only when cols is odd) at column 1. The transposed kernel keeps its
 // accumulators in the same layout.
 #pragma once
+#include <cstring>
 #include <vector>
 
 #include "pykernels/cpu.h"
@@ -40,15 +41,36 @@ inline void store_value(DType dtype, void* p, int64_t i, float v) {
   static_cast<float*>(p)[i] = v;
 }
 
+// The double-quant code table as four byte planes, plane p holding byte p of
+// every entry's fp32 bits: what a decoder that looks codes up with byte permutes
+// reads (built once per BlockAbsmax, 1 KiB).
+struct CodePlanes {
+  alignas(64) uint8_t bytes[4][256];
+};
+
 // The fp32 absmax of the blocks under elements [begin, end) of w: a pointer
 // into w.absmax, or decoded into a buffer this object owns when double-quantized.
 // at(g) is the absmax of element g's block (a shift: blocksize is a power of two).
-// The SIMD paths pass their own double-quant decoder (same bits, 16 blocks a step).
+// The SIMD paths pass their own double-quant decoder (same bits, 16 blocks a step,
+// or 64 from the code planes where they ask for them).
 class BlockAbsmax {
  public:
-  using Decoder = void (*)(const NF4Matrix&, int64_t, int64_t, float*);
-  explicit BlockAbsmax(const NF4Matrix& w, Decoder decode = nf4_decode_absmax)
-      : w_(w), decode_(decode), shift_(__builtin_ctzll(uint64_t(w.blocksize))) {}
+  // decode(w, planes, block_begin, block_end, out); planes is null unless asked for.
+  using Decoder = void (*)(const NF4Matrix&, const CodePlanes*, int64_t, int64_t, float*);
+  static void decode_scalar(const NF4Matrix& w, const CodePlanes*, int64_t begin, int64_t end,
+                            float* out) {
+    nf4_decode_absmax(w, begin, end, out);
+  }
+  explicit BlockAbsmax(const NF4Matrix& w, Decoder decode = decode_scalar, bool planes = false)
+      : w_(w), decode_(decode), shift_(__builtin_ctzll(uint64_t(w.blocksize))) {
+    if (!planes || w.absmax_q == nullptr) return;
+    planes_.resize(1);
+    for (int i = 0; i < 256; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, &w.absmax_code[i], sizeof bits);
+      for (int p = 0; p < 4; ++p) planes_[0].bytes[p][i] = uint8_t(bits >> (8 * p));
+    }
+  }
   void load(int64_t begin, int64_t end) {
     first_ = begin >> shift_;
     const int64_t last = end > begin ? ((end - 1) >> shift_) + 1 : first_;
@@ -57,7 +79,7 @@ class BlockAbsmax {
       return;
     }
     buffer_.resize(size_t(last - first_));
-    decode_(w_, first_, last, buffer_.data());
+    decode_(w_, planes_.empty() ? nullptr : planes_.data(), first_, last, buffer_.data());
     values_ = buffer_.data();
   }
   const float* values() const { return values_; }  // from the block of `begin`
@@ -70,6 +92,7 @@ class BlockAbsmax {
   const NF4Matrix& w_;
   const Decoder decode_;
   const int shift_;
+  std::vector<CodePlanes> planes_;  // one, or none
   std::vector<float> buffer_;
   const float* values_ = nullptr;
   int64_t first_ = 0;

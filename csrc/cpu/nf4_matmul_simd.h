@@ -19,7 +19,8 @@
 // V provides: Vec, Table, kLanes, kVecs = 32 / kLanes, kMaxTokens (tokens per
 // pass: its accumulators must fit the register file), and static functions
 // table(), decode(table, bytes, w), split(first, second, first_count, v),
-// decode_absmax (a BlockAbsmax::Decoder), zero(), set1(), load(), store(),
+// decode_absmax (a BlockAbsmax::Decoder) and code_planes() (whether it reads
+// them), zero(), set1(), load(), store(),
 // add(), mul(), fma(), sum().
 #pragma once
 #include <algorithm>
@@ -176,7 +177,7 @@ PK_MATMUL_TARGET void matvec(DType dtype, const NF4Matrix& w, const float* x_pac
   const int64_t cols = w.cols;
   const int64_t stride = padded_cols(cols);
   std::vector<float> sums(size_t((row_end - row_begin) * tokens), 0.0f);  // [row][token]
-  BlockAbsmax absmax(w, V::decode_absmax);
+  BlockAbsmax absmax(w, V::decode_absmax, V::code_planes());
   for (int64_t t0 = 0; t0 < tokens; t0 += V::kMaxTokens) {
     const int64_t group = std::min<int64_t>(V::kMaxTokens, tokens - t0);
     const int64_t span = std::max<int64_t>(1, kXFloats / (kChunk * group));  // chunks
@@ -260,7 +261,7 @@ PK_MATMUL_TARGET void matvec_t(DType dtype, const NF4Matrix& w, const float* dy_
   const int64_t cols = w.cols;
   const int64_t strip = std::max(kChunk, kStripFloats / (2 * tokens) / kChunk * kChunk);
   std::vector<float> acc(size_t(2 * tokens * strip));  // [copy][token][strip], x_packed's order
-  BlockAbsmax absmax(w, V::decode_absmax);
+  BlockAbsmax absmax(w, V::decode_absmax, V::code_planes());
   for (int64_t a = col_begin; a < col_end; a += strip) {
     const int64_t width = std::min(strip, col_end - a);
     std::fill(acc.begin(), acc.end(), 0.0f);

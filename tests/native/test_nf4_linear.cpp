@@ -207,9 +207,12 @@ static void test_tile(const Weight& w, DType d) {
 }
 
 int main() {
-  // (rows, cols, blocksize): aligned; odd cols; blocks spanning rows; blocksize > cols; tiny.
+  // (rows, cols, blocksize): aligned; odd cols; blocks spanning rows; blocksize > cols; tiny;
+  // rows of 64 blocks and more (the AVX-512 double-quant decoder's 64-block step), their
+  // starts off the 256-block groups of the double quant.
   const int64_t shapes[][3] = {{37, 256, 64}, {23, 577, 64}, {19, 193, 32}, {13, 100, 64},
-                               {9, 96, 4096}, {5, 4096, 4096}, {3, 1, 64}, {6, 31, 32}, {2, 320, 128}};
+                               {9, 96, 4096}, {5, 4096, 4096}, {3, 1, 64}, {6, 31, 32},
+                               {2, 320, 128}, {9, 4160, 64}, {3, 8224, 32}};
   const int64_t token_counts[] = {1, 2, 3, 5, 8, 9, 16, 17};
   uint32_t seed = 1;
   for (const auto& s : shapes) {
