@@ -208,16 +208,14 @@ def test_matches_peft(dtype, use_rslora):
     dy = torch.randn(3, 11, 193).to(dtype)
     got = layer_grads(ours, ours.lora_A.weight, ours.lora_B.weight, x, dy)
     want = layer_grads(theirs, theirs.lora_A["default"].weight, theirs.lora_B["default"].weight, x, dy)
-    if dtype == torch.float32:
-        for name, u, v in zip(("y", "dx", "dA", "dB"), got, want):
-            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5, msg=name)
-        return
-    # bf16: peft is the reference run in bf16; the truth is the same layer in float64.
+    # peft is the reference run in the dtype (in fp32 its products are MKL's, ours
+    # partly our kernels': the sums run in another order); the truth is the same
+    # layer in float64.
     ours64, theirs64, _ = peft_pair(577, 193, r=16, alpha=32, dtype=torch.float64, use_rslora=use_rslora)
     ours64.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
     truth = layer_grads(ours64, ours64.lora_A.weight, ours64.lora_B.weight, x.double(), dy.double())
     for name, u, v, t in zip(("y", "dx", "dA", "dB"), got, want, truth):
-        assert_rule(u, v, t, f"{name} vs peft bf16")
+        assert_rule(u, v, t, f"{name} vs peft {dtype}")
 
 
 def test_peft_checkpoint_round_trip():

@@ -210,6 +210,20 @@ void bf16_expand(const uint16_t* g, const uint16_t* b, bool b_transposed, const 
                      col_end, out);
 }
 
+void f32_rank_rows(SimdPath path, const float* m, int64_t a_stride, int64_t b_stride,
+                   int64_t count_b, const float* v, int64_t rank, float alpha, int64_t a_begin,
+                   int64_t a_end, float* out) {
+  if (path == SimdPath::AVX512)
+    return f32_rank_rows_avx512(m, a_stride, b_stride, count_b, v, rank, alpha, a_begin, a_end,
+                                out);
+  for (int64_t a = a_begin; a < a_end; ++a)
+    for (int64_t k = 0; k < rank; ++k) {
+      float sum = 0.0f;
+      for (int64_t b = 0; b < count_b; ++b) sum += m[a * a_stride + b * b_stride] * v[b * rank + k];
+      out[a * rank + k] = alpha * sum;
+    }
+}
+
 void dropout_keep_mask(const Dropout& d, int64_t cols, int64_t row_begin, int64_t row_end,
                        uint8_t* keep) {
   for (int64_t t = row_begin; t < row_end; ++t) {

@@ -111,6 +111,62 @@ namespace pykernels::cpu {
 
 PK_LORA_ENTRY_POINTS(avx512, x_at_any<Avx512>, gt_x_any<Avx512>, add_g_a_any<Avx512>)
 
+// ---- f32_rank_rows: out[a, k] = alpha * sum_b m[a * a_stride + b * b_stride] v[b, k] ----
+//
+// fp32 products whose right factor has rows of `rank` floats: dxa = s dy B (a a
+// row of dy, b its columns, v = B) and dB = s dy^T xa (a a column of dy, b its
+// rows, v = xa). A tile is kRankRowsTile values of a by up to 32 ranks (a second
+// vector only where the rank group passes 16): each b loads v's row once and
+// broadcasts m once per a. 4096 columns, rank 16, one core here, in a training
+// step: dxa at T = 512 1.54 ms with MKL's sgemm, 1.0 ms this way.
+namespace {
+
+constexpr int64_t kRankRowsTile = 8;
+
+template <int V, bool Whole>
+void rank_rows_tile(const float* m, int64_t a_stride, int64_t b_stride, int64_t count_b,
+                    const float* v, int64_t rank, int64_t k0, const __mmask16* lanes, int64_t a0,
+                    int64_t na, float alpha, float* out) {
+  const float* a_rows[kRankRowsTile];  // a short tile repeats its last a
+  for (int64_t i = 0; i < kRankRowsTile; ++i)
+    a_rows[i] = m + std::min(a0 + i, a0 + na - 1) * a_stride;
+  __m512 acc[kRankRowsTile][V];
+  for (auto& row : acc)
+    for (auto& sum : row) sum = _mm512_setzero_ps();
+  for (int64_t b = 0; b < count_b; ++b) {
+    __m512 vb[V];
+    for (int s = 0; s < V; ++s)
+      vb[s] = Whole ? _mm512_loadu_ps(v + b * rank + k0 + 16 * s)
+                    : _mm512_maskz_loadu_ps(lanes[s], v + b * rank + k0 + 16 * s);
+    for (int64_t i = 0; i < kRankRowsTile; ++i) {
+      const __m512 mi = _mm512_set1_ps(a_rows[i][b * b_stride]);
+      for (int s = 0; s < V; ++s) acc[i][s] = _mm512_fmadd_ps(mi, vb[s], acc[i][s]);
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(alpha);
+  for (int64_t i = 0; i < na; ++i)
+    for (int s = 0; s < V; ++s)
+      _mm512_mask_storeu_ps(out + (a0 + i) * rank + k0 + 16 * s, lanes[s],
+                            _mm512_mul_ps(acc[i][s], scale));
+}
+
+}  // namespace
+
+void f32_rank_rows_avx512(const float* m, int64_t a_stride, int64_t b_stride, int64_t count_b,
+                          const float* v, int64_t rank, float alpha, int64_t a_begin,
+                          int64_t a_end, float* out) {
+  for (int64_t k0 = 0; k0 < rank; k0 += 32) {
+    const int64_t nk = std::min<int64_t>(32, rank - k0);
+    const __mmask16 lanes[2] = {Avx512::first(std::min<int64_t>(nk, 16)),
+                                Avx512::first(std::max<int64_t>(nk - 16, 0))};
+    const auto tile = nk > 16 ? (nk == 32 ? rank_rows_tile<2, true> : rank_rows_tile<2, false>)
+                              : (nk == 16 ? rank_rows_tile<1, true> : rank_rows_tile<1, false>);
+    for (int64_t a0 = a_begin; a0 < a_end; a0 += kRankRowsTile)
+      tile(m, a_stride, b_stride, count_b, v, rank, k0, lanes, a0,
+           std::min(kRankRowsTile, a_end - a0), alpha, out);
+  }
+}
+
 // ---- bf16_dots: out[t, k] = alpha * sum_i x[t, i] a[k, i], BF16 dot products ----
 //
 // vdpbf16ps multiplies pairs of bf16 lanes exactly and adds both products to an
@@ -484,6 +540,8 @@ void bf16_dots_avx512(const uint16_t*, const uint16_t*, int64_t, int64_t, float,
 void bf16_contract_rows_avx512(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float,
                                bool, int64_t, int64_t, uint16_t*) {}
 void bf16_transpose_avx512(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
+void f32_rank_rows_avx512(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float,
+                          int64_t, int64_t, float*) {}
 void bf16_expand_avx512(const uint16_t*, const uint16_t*, bool, const uint16_t*, int64_t,
                         int64_t, int64_t, int64_t, float, int64_t, int64_t, uint16_t*) {}
 }  // namespace pykernels::cpu

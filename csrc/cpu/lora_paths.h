@@ -57,6 +57,9 @@ void bf16_contract_rows_avx512(const uint16_t* g, const uint16_t* x, int64_t row
                                int64_t col_end, uint16_t* out);
 void bf16_transpose_avx512(const uint16_t* src, int64_t rows, int64_t cols, int64_t row_begin,
                            int64_t row_end, uint16_t* dst);
+void f32_rank_rows_avx512(const float* m, int64_t a_stride, int64_t b_stride, int64_t count_b,
+                          const float* v, int64_t rank, float alpha, int64_t a_begin,
+                          int64_t a_end, float* out);
 void bf16_expand_avx512(const uint16_t* g, const uint16_t* b, bool b_transposed,
                         const uint16_t* addend, int64_t stride, int64_t rows, int64_t cols,
                         int64_t rank, float alpha, int64_t col_begin, int64_t col_end,

@@ -264,6 +264,49 @@ static void test_bf16_dots() {
   }
 }
 
+// f32_rank_rows on every path against double-precision sums, in both of LoRA's
+// forms (dxa: a over dy's rows, the sum along them; dB: a over its columns, the
+// sum down them), ranks under, at and over the 16 and 32 of a tile's vectors,
+// short last tiles of a, a in two ranges: within fp32 summation error of the
+// sum of |products|, plus one rounding.
+static void test_f32_rank_rows() {
+  const Shape shapes[] = {{1, 1, 1}, {3, 31, 3}, {9, 100, 16}, {17, 70, 17}, {5, 33, 32},
+                          {12, 40, 45}, {32, 4096, 16}};
+  uint32_t seed = 23;
+  for (const Shape& s : shapes)
+    for (bool over_rows : {false, true})
+      for (SimdPath path : {SimdPath::Scalar, SimdPath::AVX512}) {
+        if (!cpu::simd_path_supported(path)) continue;
+        // dxa: out [rows, rank] = alpha dy [rows, cols] v [cols, rank];
+        // dB:  out [cols, rank] = alpha dy^T v [rows, rank].
+        const int64_t count_a = over_rows ? s.cols : s.rows, count_b = over_rows ? s.rows : s.cols;
+        const int64_t a_stride = over_rows ? 1 : s.cols, b_stride = over_rows ? s.cols : 1;
+        const Buffer dy = random_buffer(DType::F32, s.rows * s.cols, seed++);
+        const Buffer v = random_buffer(DType::F32, count_b * s.rank, seed++);
+        Buffer out(DType::F32, count_a * s.rank);
+        const float alpha = 0.7f;
+        const float* m = static_cast<const float*>(dy.data());
+        const float* vp = static_cast<const float*>(v.data());
+        float* op = static_cast<float*>(out.data());
+        const int64_t mid = count_a / 3;
+        for (const auto& [begin, end] : {std::pair<int64_t, int64_t>{0, mid}, {mid, count_a}})
+          cpu::f32_rank_rows(path, m, a_stride, b_stride, count_b, vp, s.rank, alpha, begin, end,
+                             op);
+        for (int64_t a = 0; a < count_a; ++a)
+          for (int64_t k = 0; k < s.rank; ++k) {
+            const ExactSum e = exact_sum(count_b, [&](int64_t b) {
+              return double(m[a * a_stride + b * b_stride]) * vp[b * s.rank + k];
+            });
+            const double want = alpha * e.sum, got = out.get(a * s.rank + k);
+            CHECK(std::fabs(got - want) <= alpha * e.magnitude * (count_b + 2) * 0x1p-24,
+                  "f32_rank_rows %s %lldx%lld r%lld%s: [%lld, %lld] %g vs %g",
+                  cpu::simd_path_name(path), (long long)s.rows, (long long)s.cols,
+                  (long long)s.rank, over_rows ? " over rows" : "", (long long)a, (long long)k, got,
+                  want);
+          }
+      }
+}
+
 // bf16_transpose: every word moved exactly, on shapes with row tails of the 8-row
 // tile and column tails of the 32-column one, in two row ranges.
 static void test_bf16_transpose() {
@@ -367,6 +410,7 @@ static void test_bf16_expand() {
 int main() {
   test_paths_agree();
   test_bf16_contract_rows();
+  test_f32_rank_rows();
   test_bf16_dots();
   test_bf16_transpose();
   test_bf16_expand();

@@ -150,6 +150,15 @@ void bf16_expand(const uint16_t* g, const uint16_t* b, bool b_transposed, const 
                  int64_t stride, int64_t rows, int64_t cols, int64_t rank, float alpha,
                  int64_t col_begin, int64_t col_end, uint16_t* out);
 
+// out[a, k] = alpha * sum_b m[a * a_stride + b * b_stride] v[b, k], b < count_b, for fp32
+// v [count_b, rank] and out [*, rank], a in [a_begin, a_end): LoRA's fp32 products with
+// a rank-r right factor, summed over dy's columns (dxa = s dy B: a_stride = cols,
+// b_stride = 1, v = B) or over its rows (dB = s dy^T xa: a_stride = 1, b_stride = cols,
+// v = xa). AVX-512, or the scalar reference on any other path.
+void f32_rank_rows(SimdPath path, const float* m, int64_t a_stride, int64_t b_stride,
+                   int64_t count_b, const float* v, int64_t rank, float alpha, int64_t a_begin,
+                   int64_t a_end, float* out);
+
 // keep[(t - row_begin) * cols + i] = 1 if element (t, i) is kept, else 0. Scalar: for
 // tests and the ops' float64 path.
 void dropout_keep_mask(const Dropout& d, int64_t cols, int64_t row_begin, int64_t row_end,
