@@ -7,6 +7,7 @@
 // accumulators in the same layout.
 #pragma once
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "pykernels/cpu.h"
@@ -64,11 +65,11 @@ class BlockAbsmax {
   explicit BlockAbsmax(const NF4Matrix& w, Decoder decode = decode_scalar, bool planes = false)
       : w_(w), decode_(decode), shift_(__builtin_ctzll(uint64_t(w.blocksize))) {
     if (!planes || w.absmax_q == nullptr) return;
-    planes_.resize(1);
+    planes_ = std::make_unique<CodePlanes>();
     for (int i = 0; i < 256; ++i) {
       uint32_t bits;
       std::memcpy(&bits, &w.absmax_code[i], sizeof bits);
-      for (int p = 0; p < 4; ++p) planes_[0].bytes[p][i] = uint8_t(bits >> (8 * p));
+      for (int p = 0; p < 4; ++p) planes_->bytes[p][i] = uint8_t(bits >> (8 * p));
     }
   }
   void load(int64_t begin, int64_t end) {
@@ -79,7 +80,7 @@ class BlockAbsmax {
       return;
     }
     buffer_.resize(size_t(last - first_));
-    decode_(w_, planes_.empty() ? nullptr : planes_.data(), first_, last, buffer_.data());
+    decode_(w_, planes_.get(), first_, last, buffer_.data());
     values_ = buffer_.data();
   }
   const float* values() const { return values_; }  // from the block of `begin`
@@ -92,7 +93,7 @@ class BlockAbsmax {
   const NF4Matrix& w_;
   const Decoder decode_;
   const int shift_;
-  std::vector<CodePlanes> planes_;  // one, or none
+  std::unique_ptr<CodePlanes> planes_;  // null unless asked for
   std::vector<float> buffer_;
   const float* values_ = nullptr;
   int64_t first_ = 0;

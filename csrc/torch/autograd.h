@@ -42,7 +42,17 @@ inline OptTensor optional_of(const at::Tensor& t) {
 
 // Function::apply gives needs_input_grad's indices (edges) to the tensor arguments
 // present only, while backward returns one entry per argument: `present` has bit i
-// set where argument i is a tensor that was given.
+// set where argument i is a tensor that was given (present_arguments builds it,
+// one entry per argument: false for an absent optional and for a non-tensor).
+inline int64_t present_arguments(std::initializer_list<bool> given) {
+  int64_t mask = 0, bit = 1;
+  for (bool g : given) {
+    if (g) mask |= bit;
+    bit <<= 1;
+  }
+  return mask;
+}
+
 inline bool needs_grad(AutogradContext* ctx, int64_t present, int argument) {
   if (!(present >> argument & 1)) return false;
   return ctx->needs_input_grad(

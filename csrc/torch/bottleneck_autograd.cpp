@@ -31,7 +31,7 @@ struct BottleneckFunction : public torch::autograd::Function<BottleneckFunction>
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["residual_is_h"] = !residual.has_value();
     ctx->saved_data["present"] =
-        1 << 0 | int64_t(residual.has_value()) << 1 | 1 << 2 | 1 << 3 | 1 << 4 | 1 << 5;
+        present_arguments({true, residual.has_value(), true, true, true, true});
     ctx->mark_non_differentiable({pre});
     ctx->set_materialize_grads(false);
     return {out, pre};

@@ -28,7 +28,7 @@ struct ScaleFunction : public torch::autograd::Function<ScaleFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor out = op.call(v, bias, l);
     ctx->save_for_backward({v, saved_or_undefined(bias), l});
-    ctx->saved_data["present"] = 1 << 0 | int64_t(bias.has_value()) << 1 | 1 << 2;
+    ctx->saved_data["present"] = present_arguments({true, bias.has_value(), true});
     return out;
   }
 
@@ -63,11 +63,10 @@ struct NF4LinearFunction : public torch::autograd::Function<NF4LinearFunction> {
                             saved_or_undefined(absmax_code), saved_or_undefined(absmax_offset),
                             l});
     ctx->saved_data["blocksize"] = blocksize;
-    // x, packed, absmax, [blocksize, out_features], bias?, scale?, code?, offset?, l.
-    int64_t present = 1 << 0 | 1 << 1 | 1 << 2 | 1 << 9;
-    const OptTensor* optional[] = {&bias, &absmax_scale, &absmax_code, &absmax_offset};
-    for (int i = 0; i < 4; ++i) present |= int64_t(optional[i]->has_value()) << (5 + i);
-    ctx->saved_data["present"] = present;
+    // x, packed, absmax, blocksize, out_features, bias, scale, code, offset, l.
+    ctx->saved_data["present"] = present_arguments(
+        {true, true, true, false, false, bias.has_value(), absmax_scale.has_value(),
+         absmax_code.has_value(), absmax_offset.has_value(), true});
     return out;
   }
 
@@ -76,6 +75,10 @@ struct NF4LinearFunction : public torch::autograd::Function<NF4LinearFunction> {
     const int64_t present = ctx->saved_data["present"].toInt();
     const at::Tensor& grad = grads[0];
     const at::Tensor& x = s[0];
+    variable_list out(10);
+    if (needs_grad(ctx, present, 5)) out[5] = sum_rows(grad);
+    const bool need_x = needs_grad(ctx, present, 0), need_l = needs_grad(ctx, present, 9);
+    if (!need_x && !need_l) return out;  // b's alone: no pass over W
     static const auto grad_input = op_handle<at::Tensor(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
         const OptTensor&, const OptTensor&, const OptTensor&)>("pykernels::nf4_linear_grad_input");
@@ -83,12 +86,9 @@ struct NF4LinearFunction : public torch::autograd::Function<NF4LinearFunction> {
     const at::Tensor g = grad_input.call(grad, s[1], s[2], ctx->saved_data["blocksize"].toInt(),
                                          x.size(-1), optional_of(s[3]), optional_of(s[4]),
                                          optional_of(s[5]));
-    auto [grad_x, grad_l] =
-        scale_backward.call(g, x, std::nullopt, s[6], needs_grad(ctx, present, 0));
-    variable_list out(10);
+    auto [grad_x, grad_l] = scale_backward.call(g, x, std::nullopt, s[6], need_x);
     out[0] = grad_x.value_or(at::Tensor());
-    if (needs_grad(ctx, present, 5)) out[5] = sum_rows(grad);
-    if (needs_grad(ctx, present, 9)) out[9] = grad_l;
+    if (need_l) out[9] = grad_l;
     return out;
   }
 };
